@@ -1,0 +1,471 @@
+"""The coordinatewise flip LSTM: weights, features and one pure-TensorFlow step.
+
+This module is the single source of the FlipLSTM rule. The Keras optimizer
+(:mod:`kflip.optimizer`) and meta-training (:mod:`kflip.meta`) both call
+:func:`flip_step`; nothing here knows about Keras.
+
+The rule, per binary weight ``theta`` in {-1, +1} with float gradient ``g``:
+
+* Features (all in the *frame of the weight*, i.e. multiplied by ``theta``, so the
+  rule is symmetric under ``(theta, g) -> (-theta, -g)``):
+
+  0. ``theta_grad``: ``theta * g``. Its sign says whether flipping ``theta`` lowers the
+     loss to first order (flipping changes the loss by ``-2 * theta * g``).
+  1. ``theta_grad_normalized``: ``theta * g / sqrt(v)`` where ``v`` is a per-tensor
+     exponential moving average of ``mean(g**2)``. Scale-free: the same rule works for
+     layers and models whose gradients differ by orders of magnitude.
+
+* A standard LSTM cell with hidden size ``H`` (gates ``i, f, c~, o``), weights shared
+  by every coordinate, state ``(h, c)`` kept per coordinate.
+* Output ``y = out_kernel . h + out_bias`` (the "second gradient" g_t). The update is
+  ``theta <- theta * sign(y)`` with ties going to "keep": a weight flips iff
+  ``y < -flip_threshold``.
+* After a flip the state is re-expressed in the new frame: ``(h, c) <- s * (h, c)``
+  with ``s = sign(y)``. For the Bop initialisation this is exactly Bop's momentum,
+  which lives in gradient space and so changes sign relative to a flipped weight.
+
+State per binary weight: ``h`` and ``c``, 2*H float32 = 8*H bytes (8 B for ``H = 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from kflip import _keras
+
+_keras.select_keras2()
+import tensorflow as tf  # noqa: E402
+
+FORMAT = "kflip-lstm/1"
+FEATURES = ("theta_grad", "theta_grad_normalized")
+GATES = ("input", "forget", "candidate", "output")
+_DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "weights")
+DEFAULT_WEIGHTS = os.path.join(_DEFAULT_DIR, "default.npz")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LSTMWeights:
+    """Weights of the coordinatewise LSTM (shared by every binary weight).
+
+    Attributes:
+      kernel: ``[F, 4H]`` input weights, gate blocks in order ``input, forget,
+        candidate, output``.
+      recurrent: ``[H, 4H]`` recurrent weights.
+      bias: ``[4H]``.
+      out_kernel: ``[H]`` read-out from ``h``.
+      out_bias: scalar read-out bias.
+      beta: decay of the per-tensor ``mean(g**2)`` average used by feature 1.
+      eps: added to that average before the square root.
+      metadata: free-form JSON-able description (how the weights were made).
+    """
+
+    kernel: np.ndarray
+    recurrent: np.ndarray
+    bias: np.ndarray
+    out_kernel: np.ndarray
+    out_bias: float
+    beta: float = 0.99
+    eps: float = 1e-20
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
+        object.__setattr__(self, "kernel", f(self.kernel))
+        object.__setattr__(self, "recurrent", f(self.recurrent))
+        object.__setattr__(self, "bias", f(self.bias))
+        object.__setattr__(self, "out_kernel", f(self.out_kernel))
+        object.__setattr__(self, "out_bias", float(self.out_bias))
+        h = self.out_kernel.shape[0] if self.out_kernel.ndim == 1 else -1
+        expected = {
+            "kernel": (len(FEATURES), 4 * h),
+            "recurrent": (h, 4 * h),
+            "bias": (4 * h,),
+            "out_kernel": (h,),
+        }
+        for name, shape in expected.items():
+            if getattr(self, name).shape != shape:
+                raise ValueError(
+                    f"LSTM weights: `{name}` has shape {getattr(self, name).shape}, "
+                    f"expected {shape} for {len(FEATURES)} features and hidden size {h}."
+                )
+        for name in ("kernel", "recurrent", "bias", "out_kernel"):
+            if not np.all(np.isfinite(getattr(self, name))):
+                raise ValueError(f"LSTM weights: `{name}` contains NaN or Inf.")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"LSTM weights: `beta` must be in [0, 1), got {self.beta}.")
+        if not self.eps > 0.0:
+            raise ValueError(f"LSTM weights: `eps` must be > 0, got {self.eps}.")
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.out_kernel.shape[0])
+
+    def padded(self, hidden_size: int) -> "LSTMWeights":
+        """The same rule with ``hidden_size`` units; the extra units are inert.
+
+        Padding with zeros leaves the extra cells at ``c = 0``, ``h = 0`` forever
+        (their candidate is ``tanh(0) = 0``) and they are not read out, so the flips
+        are unchanged. Useful as a starting point for meta-training a larger cell.
+        """
+        h = self.hidden_size
+        if hidden_size == h:
+            return self
+        if hidden_size < h:
+            raise ValueError(
+                f"`hidden_size`={hidden_size} is smaller than the hidden size {h} of the "
+                "LSTM weights; pick hidden_size >= {h} or other weights."
+            )
+
+        def pad_gates(a, rows):
+            out = np.zeros((rows, 4 * hidden_size), np.float32)
+            for gate in range(4):
+                out[: a.shape[0], gate * hidden_size : gate * hidden_size + h] = a[
+                    :, gate * h : (gate + 1) * h
+                ]
+            return out
+
+        bias = pad_gates(self.bias[None], 1)[0]
+        return dataclasses.replace(
+            self,
+            kernel=pad_gates(self.kernel, len(FEATURES)),
+            recurrent=pad_gates(
+                np.concatenate(
+                    [self.recurrent, np.zeros((hidden_size - h, 4 * h), np.float32)]
+                ),
+                hidden_size,
+            ),
+            bias=bias,
+            out_kernel=np.concatenate(
+                [self.out_kernel, np.zeros(hidden_size - h, np.float32)]
+            ),
+        )
+
+    # ---- (de)serialisation -------------------------------------------------------
+    def get_config(self) -> dict:
+        """JSON-able dict holding every number (the arrays are tiny)."""
+        return {
+            "kernel": self.kernel.tolist(),
+            "recurrent": self.recurrent.tolist(),
+            "bias": self.bias.tolist(),
+            "out_kernel": self.out_kernel.tolist(),
+            "out_bias": self.out_bias,
+            "beta": self.beta,
+            "eps": self.eps,
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LSTMWeights":
+        return cls(**config)
+
+    def save(self, path: str) -> None:
+        """Write ``path`` (``.npz``, arrays) and ``path`` with ``.json`` (metadata)."""
+        stem, _ = os.path.splitext(path)
+        np.savez(
+            stem + ".npz",
+            kernel=self.kernel,
+            recurrent=self.recurrent,
+            bias=self.bias,
+            out_kernel=self.out_kernel,
+            out_bias=np.float32(self.out_bias),
+            beta=np.float64(self.beta),
+            eps=np.float64(self.eps),
+        )
+        meta = {
+            "format": FORMAT,
+            "features": list(FEATURES),
+            "gates": list(GATES),
+            "hidden_size": self.hidden_size,
+            **self.metadata,
+        }
+        with open(stem + ".json", "w") as fh:
+            json.dump(meta, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+
+    @classmethod
+    def load(cls, path: str) -> "LSTMWeights":
+        """Load weights saved by :meth:`save` (``allow_pickle=False``)."""
+        stem, ext = os.path.splitext(os.fspath(path))
+        npz = stem + ".npz"
+        if not os.path.exists(npz):
+            raise FileNotFoundError(
+                f"`weights`: no LSTM weights file at {npz!r} (expected an .npz written "
+                "by `kflip meta-train` or `LSTMWeights.save`)."
+            )
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        meta = {}
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json") as fh:
+                meta = json.load(fh)
+            if meta.get("format", FORMAT) != FORMAT:
+                raise ValueError(
+                    f"`weights`: {stem}.json has format {meta.get('format')!r}; "
+                    f"this kflip reads {FORMAT!r}."
+                )
+            if tuple(meta.get("features", FEATURES)) != FEATURES:
+                raise ValueError(
+                    f"`weights`: {stem}.json uses features {meta.get('features')}, "
+                    f"this kflip computes {list(FEATURES)}."
+                )
+        for key in ("format", "features", "gates", "hidden_size"):
+            meta.pop(key, None)
+        return cls(
+            kernel=arrays["kernel"],
+            recurrent=arrays["recurrent"],
+            bias=arrays["bias"],
+            out_kernel=arrays["out_kernel"],
+            out_bias=float(arrays["out_bias"]),
+            beta=float(arrays.get("beta", 0.99)),
+            eps=float(arrays.get("eps", 1e-20)),
+            metadata=meta,
+        )
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def bop_weights(
+    threshold: float = 1e-6,
+    gamma: float = 1e-3,
+    *,
+    normalized: bool = False,
+    scale: float = 1e-2,
+    hidden_size: int = 1,
+) -> LSTMWeights:
+    """Analytic LSTM weights that reproduce Bop (Helwegen et al., 2019).
+
+    Bop keeps ``m <- (1 - gamma) m + gamma g`` and flips ``theta`` iff
+    ``theta * m > threshold``. One LSTM unit does the same in the weight's frame:
+    forget gate ``sigmoid(b_f) = 1 - gamma``, input gate ``sigmoid(b_i) = gamma``,
+    candidate ``tanh(scale * theta g)`` (linear for small ``scale * g``), output gate
+    saturated at 1, so ``c = scale * theta m``; read-out ``y = tanh(scale*threshold) -
+    h`` is negative exactly when ``theta m > threshold``. The flip-frame state negation
+    of :func:`flip_step` plays the role of Bop's momentum staying put while theta
+    changes sign.
+
+    With ``normalized=True`` the rule reads feature 1 (gradient divided by the
+    per-tensor RMS gradient) instead of the raw gradient, so ``threshold`` is in units
+    of RMS gradients and the rule is independent of the loss scale.
+    """
+    if not threshold >= 0:
+        raise ValueError(f"`threshold` must be >= 0, got {threshold}.")
+    if not 0 < gamma < 1:
+        raise ValueError(f"`gamma` must be in (0, 1), got {gamma}.")
+    if not scale > 0:
+        raise ValueError(f"`scale` must be > 0, got {scale}.")
+    kernel = np.zeros((len(FEATURES), 4), np.float32)
+    kernel[1 if normalized else 0, 2] = scale
+    bias = np.array([_logit(gamma), _logit(1 - gamma), 0.0, 30.0], np.float32)
+    weights = LSTMWeights(
+        kernel=kernel,
+        recurrent=np.zeros((1, 4), np.float32),
+        bias=bias,
+        out_kernel=np.array([-1.0], np.float32),
+        out_bias=float(np.tanh(np.float32(scale * threshold))),
+        metadata={
+            "init": "analytic-bop",
+            "learned": False,
+            "description": (
+                "Analytic initialisation reproducing Bop's momentum-and-threshold rule "
+                "inside one LSTM unit. Not meta-learned."
+            ),
+            "bop": {
+                "threshold": threshold,
+                "gamma": gamma,
+                "normalized": normalized,
+                "scale": scale,
+            },
+        },
+    )
+    return weights.padded(hidden_size)
+
+
+def load_weights(weights: Any = None) -> LSTMWeights:
+    """Resolve ``weights``: None/"default", a path, a config dict or LSTMWeights."""
+    if weights is None or (isinstance(weights, str) and weights == "default"):
+        return LSTMWeights.load(DEFAULT_WEIGHTS)
+    if isinstance(weights, LSTMWeights):
+        return weights
+    if isinstance(weights, dict):
+        return LSTMWeights.from_config(weights)
+    if isinstance(weights, (str, os.PathLike)):
+        return LSTMWeights.load(weights)
+    raise TypeError(
+        "`weights` must be None, 'default', a path to an .npz, an LSTMWeights or its "
+        f"config dict; got {type(weights).__name__}."
+    )
+
+
+# ---- the pure TensorFlow rule ----------------------------------------------------------
+class CellTensors(NamedTuple):
+    """LSTMWeights as tensors (what the pure functions consume)."""
+
+    kernel: tf.Tensor
+    recurrent: tf.Tensor
+    bias: tf.Tensor
+    out_kernel: tf.Tensor
+    out_bias: tf.Tensor
+
+    @classmethod
+    def from_weights(cls, w: LSTMWeights, dtype=tf.float32) -> "CellTensors":
+        c = lambda a: tf.constant(a, dtype)  # noqa: E731
+        return cls(c(w.kernel), c(w.recurrent), c(w.bias), c(w.out_kernel), c(w.out_bias))
+
+
+def lstm_cell(
+    cell: CellTensors, features: Sequence[tf.Tensor], h: tf.Tensor, c: tf.Tensor
+):
+    """One coordinatewise LSTM step.
+
+    ``features`` is a list of F tensors of the parameter's shape ``S``; ``h`` and ``c``
+    have shape ``S + [H]``. Returns ``(y, h, c)`` with ``y`` of shape ``S``.
+
+    The products with the tiny weight matrices are written out as broadcasted
+    multiply-adds (F and H are small and static) so XLA fuses the whole cell into one
+    elementwise loop instead of launching dots with inner dimension 1 or 2.
+    """
+    hidden = int(h.shape[-1])
+    x = tf.stack(list(features), axis=-1)  # S + [F]
+    z = cell.bias
+    for f in range(len(features)):
+        z = z + x[..., f : f + 1] * cell.kernel[f]
+    for k in range(hidden):
+        z = z + h[..., k : k + 1] * cell.recurrent[k]
+    i = tf.sigmoid(z[..., 0:hidden])
+    fg = tf.sigmoid(z[..., hidden : 2 * hidden])
+    cand = tf.tanh(z[..., 2 * hidden : 3 * hidden])
+    o = tf.sigmoid(z[..., 3 * hidden :])
+    c_new = fg * c + i * cand
+    h_new = o * tf.tanh(c_new)
+    y = tf.reduce_sum(h_new * cell.out_kernel, axis=-1) + cell.out_bias
+    return y, h_new, c_new
+
+
+class StepOut(NamedTuple):
+    sign: tf.Tensor  # +1 keep / -1 flip, shape S (dtype of theta)
+    y: tf.Tensor  # LSTM output g_t, shape S
+    h: tf.Tensor
+    c: tf.Tensor
+    v: tf.Tensor  # updated per-tensor mean(g^2) average (scalar)
+    finite: tf.Tensor  # bool, shape S: gradient was finite at this coordinate
+
+
+def features_and_moment(theta, grad, v, step, beta: float, eps: float):
+    """Features of :data:`FEATURES` and the updated per-tensor second moment.
+
+    ``step`` is the 1-based step count used for bias correction of ``v``.
+    Non-finite gradient entries are replaced by 0 and left out of the moment.
+    """
+    finite = tf.math.is_finite(grad)
+    g = tf.where(finite, grad, tf.zeros_like(grad))
+    n = tf.maximum(tf.reduce_sum(tf.cast(finite, g.dtype)), 1.0)
+    mean_sq = tf.reduce_sum(tf.square(g)) / n
+    v_new = beta * v + (1.0 - beta) * mean_sq
+    v_hat = v_new / (1.0 - tf.pow(tf.constant(beta, g.dtype), tf.cast(step, g.dtype)))
+    tg = theta * g
+    return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
+
+
+def flip_step(
+    cell: CellTensors,
+    theta: tf.Tensor,
+    grad: tf.Tensor,
+    h: tf.Tensor,
+    c: tf.Tensor,
+    v: tf.Tensor,
+    step,
+    *,
+    beta: float,
+    eps: float,
+    flip_threshold=0.0,
+    max_flips: int | None = None,
+) -> StepOut:
+    """The FlipLSTM rule for one tensor of binary weights ``theta`` (exactly +-1).
+
+    Returns the per-coordinate sign ``s`` (``theta_new = theta * s``) and the new state,
+    already re-expressed in the frame of ``theta_new``. Where the gradient is NaN/Inf,
+    nothing flips and the state is left as it was.
+
+    ``max_flips``: if set, at most this many coordinates flip (those with the most
+    negative ``y``; ties at the cut may add a few).
+    """
+    feats, v_new, finite = features_and_moment(theta, grad, v, step, beta, eps)
+    y, h_new, c_new = lstm_cell(cell, feats, h, c)
+    flip = tf.logical_and(y < -flip_threshold, finite)
+    if max_flips is not None:
+        flip = _limit_flips(flip, y, max_flips)
+    one = tf.ones_like(theta)
+    s = tf.where(flip, -one, one)
+    keep = finite[..., None]
+    h_out = tf.where(keep, h_new * s[..., None], h)
+    c_out = tf.where(keep, c_new * s[..., None], c)
+    return StepOut(s, y, h_out, c_out, v_new, finite)
+
+
+def _limit_flips(flip, y, max_flips: int):
+    """Keep only the ``max_flips`` most negative ``y`` among ``flip``."""
+    flat_flip = tf.reshape(flip, [-1])
+    k = int(min(max_flips, flat_flip.shape[0]))
+
+    def cut():
+        neg_inf = tf.fill(tf.shape(flat_flip), tf.constant(-np.inf, y.dtype))
+        score = tf.where(flat_flip, -tf.reshape(y, [-1]), neg_inf)
+        kth = tf.math.top_k(score, k=k, sorted=True).values[k - 1]
+        return tf.logical_and(flip, -y >= kth)
+
+    too_many = tf.reduce_sum(tf.cast(flat_flip, tf.int32)) > k
+    return tf.cond(too_many, cut, lambda: flip)
+
+
+def sign_pm1(x):
+    """Sign with 0 -> +1: the value a binary weight snaps to."""
+    x = tf.convert_to_tensor(x)
+    return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
+
+
+def latent_step(
+    cell: CellTensors,
+    w: tf.Tensor,
+    grad: tf.Tensor,
+    h: tf.Tensor,
+    c: tf.Tensor,
+    v: tf.Tensor,
+    step,
+    *,
+    beta: float,
+    eps: float,
+    learning_rate,
+    clip: float | None,
+):
+    """Ablation: the LSTM output as an update of *latent* float weights ``w``.
+
+    The same features and cell as :func:`flip_step`, in the frame of
+    ``theta = sign(w)``; ``w <- clip(w + learning_rate * theta * y)``, so ``y < 0``
+    pushes ``w`` towards ``-theta`` (a flip happens when it crosses zero). Returns
+    ``(StepOut, w_new)``.
+    """
+    theta = sign_pm1(w)
+    feats, v_new, finite = features_and_moment(theta, grad, v, step, beta, eps)
+    y, h_new, c_new = lstm_cell(cell, feats, h, c)
+    w_new = w + learning_rate * theta * y
+    if clip is not None:
+        w_new = tf.clip_by_value(w_new, -clip, clip)
+    w_new = tf.where(finite, w_new, w)
+    s = sign_pm1(w_new) * theta
+    keep = finite[..., None]
+    h_out = tf.where(keep, h_new * s[..., None], h)
+    c_out = tf.where(keep, c_new * s[..., None], c)
+    return StepOut(s, y, h_out, c_out, v_new, finite), w_new
+
+
+def state_bytes_per_weight(hidden_size: int, dtype=tf.float32) -> int:
+    """Optimizer-state bytes FlipLSTM keeps per binary weight (``h`` and ``c``)."""
+    return 2 * hidden_size * tf.as_dtype(dtype).size

@@ -1,0 +1,101 @@
+"""Reference binarized networks (larq layers), as used by the benchmarks.
+
+All binary kernels use the ``ste_sign`` quantizer (precision 1, so FlipLSTM, Bop and
+greedy search treat them as binary) with larq's ``weight_clip`` constraint for the
+Adam+STE baseline. Hidden activations are binarized with ``ste_sign`` too; the first
+layer sees real-valued inputs and the last BatchNorm feeds a softmax.
+"""
+
+from __future__ import annotations
+
+from kflip import _keras
+
+_keras.select_keras2()
+import larq as lq  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_BIN = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)
+_BIN_IN = dict(input_quantizer="ste_sign", **_BIN)
+
+
+def _bn():
+    return tf.keras.layers.BatchNormalization(momentum=0.9, scale=False)
+
+
+def _check_positive(name, values):
+    for v in values:
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"`{name}` must contain positive ints, got {values!r}.")
+
+
+def mlp(input_shape=(28, 28, 1), num_classes: int = 10, hidden=(512, 512)) -> tf.keras.Model:
+    """BinaryNet-style MLP: [binary Dense -> BN] x len(hidden) -> binary Dense -> BN."""
+    hidden = tuple(hidden)
+    _check_positive("hidden", hidden)
+    layers = [tf.keras.Input(input_shape), tf.keras.layers.Flatten()]
+    for i, units in enumerate(hidden):
+        layers += [lq.layers.QuantDense(units, **(_BIN if i == 0 else _BIN_IN)), _bn()]
+    layers += [
+        lq.layers.QuantDense(num_classes, **(_BIN_IN if hidden else _BIN)),
+        _bn(),
+        tf.keras.layers.Activation("softmax"),
+    ]
+    return tf.keras.Sequential(layers, name="mlp")
+
+
+def cnn(input_shape=(28, 28, 1), num_classes: int = 10, filters=(32, 64, 64), dense: int = 64) -> tf.keras.Model:
+    """The larq MNIST tutorial CNN (conv 32-64-64, dense 64-10)."""
+    _check_positive("filters", tuple(filters))
+    _check_positive("dense", (dense,))
+    f1, f2, f3 = filters
+    pool = lambda: tf.keras.layers.MaxPooling2D((2, 2))  # noqa: E731
+    return tf.keras.Sequential(
+        [
+            tf.keras.Input(input_shape),
+            lq.layers.QuantConv2D(f1, (3, 3), **_BIN),
+            pool(),
+            _bn(),
+            lq.layers.QuantConv2D(f2, (3, 3), **_BIN_IN),
+            pool(),
+            _bn(),
+            lq.layers.QuantConv2D(f3, (3, 3), **_BIN_IN),
+            _bn(),
+            tf.keras.layers.Flatten(),
+            lq.layers.QuantDense(dense, **_BIN_IN),
+            _bn(),
+            lq.layers.QuantDense(num_classes, **_BIN_IN),
+            _bn(),
+            tf.keras.layers.Activation("softmax"),
+        ],
+        name="cnn",
+    )
+
+
+def binarynet(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0) -> tf.keras.Model:
+    """BinaryNet VGG-style net for CIFAR-10 (Courbariaux et al. 2016).
+
+    ``width`` scales every layer (1.0: 128-128-256-256-512-512 conv, 1024-1024 dense).
+    """
+    if not width > 0:
+        raise ValueError(f"`width` must be > 0, got {width!r}.")
+    w = lambda n: max(1, int(round(n * width)))  # noqa: E731
+    conv = lambda n, **kw: lq.layers.QuantConv2D(w(n), (3, 3), padding="same", **kw)  # noqa: E731
+    pool = lambda: tf.keras.layers.MaxPooling2D((2, 2))  # noqa: E731
+    layers = [tf.keras.Input(input_shape), conv(128, **_BIN), _bn()]
+    layers += [conv(128, **_BIN_IN), pool(), _bn()]
+    layers += [conv(256, **_BIN_IN), _bn(), conv(256, **_BIN_IN), pool(), _bn()]
+    layers += [conv(512, **_BIN_IN), _bn(), conv(512, **_BIN_IN), pool(), _bn()]
+    layers += [tf.keras.layers.Flatten()]
+    layers += [lq.layers.QuantDense(w(1024), **_BIN_IN), _bn()]
+    layers += [lq.layers.QuantDense(w(1024), **_BIN_IN), _bn()]
+    layers += [lq.layers.QuantDense(num_classes, **_BIN_IN), _bn(), tf.keras.layers.Activation("softmax")]
+    return tf.keras.Sequential(layers, name="binarynet")
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "binarynet": binarynet}
+
+
+def build(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
+    if name not in MODELS:
+        raise ValueError(f"`model` must be one of {sorted(MODELS)}, got {name!r}.")
+    return MODELS[name](input_shape=input_shape, num_classes=num_classes, **kwargs)

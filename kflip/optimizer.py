@@ -1,0 +1,333 @@
+"""FlipLSTM: a Keras optimizer whose decision per binary weight is flip / no flip."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from kflip import _keras
+
+_keras.select_keras2()
+import larq as lq  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kflip import cell as cell_lib  # noqa: E402
+from kflip.binary import is_binary_variable  # noqa: E402
+
+Optimizer = tf.keras.optimizers.legacy.Optimizer
+_OUTPUTS = ("flip", "gradient")
+
+
+def _var_key(var):
+    # Same key the tf_keras legacy optimizer uses for slots (distributed-aware).
+    if hasattr(var, "_distributed_container"):
+        var = var._distributed_container()
+    if getattr(var, "_in_graph_mode", False):
+        return var._shared_name
+    return var._unique_id
+
+
+def _float_optimizer(identifier):
+    if identifier is None:
+        return tf.keras.optimizers.legacy.Adam(learning_rate=0.01)
+    if isinstance(identifier, Optimizer):
+        return identifier
+    if isinstance(identifier, (str, dict)):
+        opt = tf.keras.optimizers.get(identifier, use_legacy_optimizer=True)
+        if isinstance(opt, Optimizer):
+            return opt
+    raise ValueError(
+        "`float_optimizer` must be a tf.keras legacy optimizer (e.g. "
+        "`tf.keras.optimizers.legacy.Adam(0.01)`), its name or its config dict; got "
+        f"{identifier!r}."
+    )
+
+
+@tf.keras.utils.register_keras_serializable(package="kflip")
+class FlipLSTM(Optimizer):
+    """Flip binary weights by the sign of a learned coordinatewise LSTM's output.
+
+    For every binary variable (larq ``precision == 1``) the float gradient is turned
+    into features (see :mod:`kflip.cell`), fed to a tiny LSTM whose weights are shared
+    by every coordinate and whose state ``(h, c)`` is kept per weight, and the output
+    ``g_t`` decides ``theta <- theta * sign(g_t)``. Binary weights are snapped to
+    exactly +1/-1 on the first step and stay so. Every other variable goes to
+    ``float_optimizer``.
+
+    Args:
+      weights: LSTM weights: None or ``"default"`` (the weights shipped in the
+        package), a path to an ``.npz`` written by ``kflip meta-train``, an
+        :class:`kflip.cell.LSTMWeights` or its config dict.
+      float_optimizer: optimizer for non-binary variables (BatchNorm, biases, float
+        layers). Default ``tf.keras.optimizers.legacy.Adam(0.01)``.
+      output: ``"flip"`` (the invention) or ``"gradient"`` (ablation: the LSTM output
+        updates latent float weights, ``w <- clip(w + learning_rate * sign(w) * g_t)``;
+        needs a sign quantizer such as ``"ste_sign"`` on the layer).
+      flip_threshold: flip only where ``g_t < -flip_threshold`` (float or a
+        ``LearningRateSchedule`` of the step). Default 0.
+      max_flip_rate: at most this fraction of each binary variable flips per step
+        (the most negative ``g_t`` win). None for no limit.
+      hidden_size: LSTM hidden size; must be >= that of ``weights`` (extra units are
+        zero-padded and inert until meta-trained). Default: that of ``weights``.
+      learning_rate: step size of ``output="gradient"``; unused for flips.
+      latent_clip: ``output="gradient"`` clips latent weights to this magnitude.
+    """
+
+    _HAS_AGGREGATE_GRAD = True
+
+    def __init__(
+        self,
+        weights=None,
+        float_optimizer=None,
+        *,
+        output: str = "flip",
+        flip_threshold=0.0,
+        max_flip_rate: float | None = None,
+        hidden_size: int | None = None,
+        learning_rate=0.01,
+        latent_clip: float | None = 1.0,
+        name: str = "FlipLSTM",
+        **kwargs,
+    ):
+        super().__init__(name=name, **kwargs)
+        if output not in _OUTPUTS:
+            raise ValueError(f"`output` must be one of {_OUTPUTS}, got {output!r}.")
+        if max_flip_rate is not None and not (0.0 < float(max_flip_rate) <= 1.0):
+            raise ValueError(
+                f"`max_flip_rate` must be in (0, 1] or None, got {max_flip_rate!r}."
+            )
+        if isinstance(flip_threshold, (int, float)) and not (
+            math.isfinite(flip_threshold) and flip_threshold >= 0
+        ):
+            raise ValueError(
+                f"`flip_threshold` must be a finite number >= 0, got {flip_threshold!r}."
+            )
+        if isinstance(learning_rate, (int, float)) and not (
+            math.isfinite(learning_rate) and learning_rate > 0
+        ):
+            raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}.")
+        if latent_clip is not None and not latent_clip > 0:
+            raise ValueError(f"`latent_clip` must be > 0 or None, got {latent_clip!r}.")
+        lstm = cell_lib.load_weights(weights)
+        if hidden_size is not None:
+            if not isinstance(hidden_size, int) or hidden_size < 1:
+                raise ValueError(
+                    f"`hidden_size` must be a positive int, got {hidden_size!r}."
+                )
+            lstm = lstm.padded(hidden_size)
+        self.lstm_weights = lstm
+        self.output = output
+        self.max_flip_rate = None if max_flip_rate is None else float(max_flip_rate)
+        self.latent_clip = latent_clip
+        self._set_hyper("flip_threshold", flip_threshold)
+        self._set_hyper("learning_rate", learning_rate)
+        self._float_optimizer = _float_optimizer(float_optimizer)
+        self._track_trackable(self._float_optimizer, name="float_optimizer")
+        self._flip_counters: dict = {}
+        self._binary_names: dict = {}
+        self._binary_sizes: dict = {}
+        self._warned_no_binary = False
+
+    # ---- public helpers ----------------------------------------------------------
+    @property
+    def float_optimizer(self) -> Optimizer:
+        return self._float_optimizer
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lstm_weights.hidden_size
+
+    @property
+    def state_bytes_per_weight(self) -> int:
+        """Optimizer-state bytes per binary weight (the LSTM ``h`` and ``c``)."""
+        return cell_lib.state_bytes_per_weight(self.hidden_size)
+
+    def flip_counts(self) -> dict:
+        """Cumulative flips per binary variable name since training started."""
+        return {
+            self._binary_names[k]: int(c.numpy()) for k, c in self._flip_counters.items()
+        }
+
+    def binary_sizes(self) -> dict:
+        """Number of weights per binary variable name."""
+        return dict(self._binary_sizes)
+
+    # ---- weights / slots ----------------------------------------------------------
+    @property
+    def weights(self):
+        return self._weights + self._float_optimizer.weights
+
+    def variables(self):
+        return self.weights
+
+    def _split(self, grads_and_vars):
+        binary, floats = [], []
+        for g, v in grads_and_vars:
+            (binary if is_binary_variable(v) else floats).append((g, v))
+        return binary, floats
+
+    def _create_all_weights(self, var_list):
+        binary = [v for v in var_list if is_binary_variable(v)]
+        floats = [v for v in var_list if not is_binary_variable(v)]
+        if floats:
+            self._float_optimizer._create_all_weights(floats)
+        return super()._create_all_weights(binary)
+
+    def _create_slots(self, var_list):
+        shape_h = lambda v: list(v.shape) + [self.hidden_size]  # noqa: E731
+        for var in var_list:
+            if self.output == "gradient" and isinstance(
+                getattr(var, "quantizer", None), lq.quantizers.NoOp
+            ):
+                raise ValueError(
+                    f"FlipLSTM(output='gradient') updates latent weights, but {var.name} "
+                    "has a NoOp quantizer, so the forward pass would see the latent "
+                    "floats. Use a sign quantizer such as 'ste_sign' for this mode."
+                )
+            self.add_slot(var, "h", shape=shape_h(var))
+            self.add_slot(var, "c", shape=shape_h(var))
+            self.add_slot(var, "v", shape=[])
+            key = _var_key(var)
+            if key not in self._flip_counters:
+                self._flip_counters[key] = self.add_weight(
+                    f"{var._shared_name}/flips",
+                    shape=[],
+                    dtype=tf.int64,
+                    initializer="zeros",
+                    trainable=False,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+                )
+                self._binary_names[key] = var.name
+                self._binary_sizes[var.name] = int(var.shape.num_elements())
+
+    # ---- the update ---------------------------------------------------------------
+    def apply_gradients(
+        self, grads_and_vars, name=None, experimental_aggregate_gradients=True
+    ):
+        binary, floats = self._split(list(grads_and_vars))
+        ops = []
+        if floats:
+            ops.append(
+                self._float_optimizer.apply_gradients(
+                    floats,
+                    experimental_aggregate_gradients=experimental_aggregate_gradients,
+                )
+            )
+        if binary:
+            ops.append(
+                super().apply_gradients(
+                    binary,
+                    name=name,
+                    experimental_aggregate_gradients=experimental_aggregate_gradients,
+                )
+            )
+        else:
+            if not self._warned_no_binary:
+                self._warned_no_binary = True
+                warnings.warn(
+                    "FlipLSTM found no binary variables (larq `precision == 1`, e.g. "
+                    "QuantDense(kernel_quantizer='ste_sign')); every variable goes to "
+                    "the float optimizer, so this trains like "
+                    f"{type(self._float_optimizer).__name__}.",
+                    stacklevel=2,
+                )
+            with tf.init_scope():
+                _ = self.iterations
+            ops.append(self.iterations.assign_add(1))
+        return tf.group(*ops)
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        dtype = var.dtype.base_dtype
+        if grad.dtype != dtype:
+            grad = tf.cast(grad, dtype)
+        cell = cell_lib.CellTensors.from_weights(self.lstm_weights, dtype)
+        h, c, v = (self.get_slot(var, n) for n in ("h", "c", "v"))
+        step = tf.cast(self.iterations + 1, dtype)
+        lw = self.lstm_weights
+        if self.output == "flip":
+            theta = cell_lib.sign_pm1(var)
+            n = int(var.shape.num_elements())
+            max_flips = (
+                None
+                if self.max_flip_rate is None
+                else max(1, int(math.floor(self.max_flip_rate * n)))
+            )
+            out = cell_lib.flip_step(
+                cell,
+                theta,
+                grad,
+                h,
+                c,
+                v,
+                step,
+                beta=lw.beta,
+                eps=lw.eps,
+                flip_threshold=self._decayed("flip_threshold", dtype),
+                max_flips=max_flips,
+            )
+            new_var = theta * out.sign
+        else:
+            out, new_var = cell_lib.latent_step(
+                cell,
+                tf.convert_to_tensor(var),
+                grad,
+                h,
+                c,
+                v,
+                step,
+                beta=lw.beta,
+                eps=lw.eps,
+                learning_rate=self._decayed("learning_rate", dtype),
+                clip=self.latent_clip,
+            )
+        flips = tf.reduce_sum(tf.cast(out.sign < 0, tf.int64))
+        return tf.group(
+            var.assign(new_var),
+            h.assign(out.h),
+            c.assign(out.c),
+            v.assign(out.v),
+            self._flip_counters[_var_key(var)].assign_add(flips),
+        )
+
+    def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        raise NotImplementedError(
+            "FlipLSTM does not support sparse gradients on binary variables."
+        )
+
+    def _decayed(self, name, dtype):
+        hyper = self._get_hyper(name, dtype)
+        if isinstance(hyper, tf.keras.optimizers.schedules.LearningRateSchedule):
+            hyper = tf.cast(hyper(tf.cast(self.iterations, dtype)), dtype)
+        return hyper
+
+    # ---- serialisation ------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "weights": self.lstm_weights.get_config(),
+                "float_optimizer": tf.keras.optimizers.serialize(self._float_optimizer),
+                "output": self.output,
+                "flip_threshold": self._serialize_hyperparameter("flip_threshold"),
+                "max_flip_rate": self.max_flip_rate,
+                "learning_rate": self._serialize_hyperparameter("learning_rate"),
+                "latent_clip": self.latent_clip,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        for hyper in ("flip_threshold", "learning_rate"):
+            if isinstance(config.get(hyper), dict):
+                config[hyper] = tf.keras.optimizers.schedules.deserialize(
+                    config[hyper], custom_objects=custom_objects
+                )
+        if isinstance(config.get("float_optimizer"), dict):
+            config["float_optimizer"] = tf.keras.optimizers.deserialize(
+                config["float_optimizer"],
+                custom_objects=custom_objects,
+                use_legacy_optimizer=True,
+            )
+        return cls(**config)
