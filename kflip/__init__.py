@@ -18,6 +18,7 @@ from kflip.binary import (  # noqa: E402
 from kflip.callbacks import FlipRate  # noqa: E402
 from kflip.cell import LSTMWeights, bop_weights  # noqa: E402
 from kflip.optimizer import FlipLSTM  # noqa: E402
+from kflip import export  # noqa: E402  (callable module: kflip.export(model, path))
 
 __all__ = [
     "FlipLSTM",
@@ -27,6 +28,7 @@ __all__ = [
     "assert_binary",
     "binary_variables",
     "bop_weights",
+    "export",
     "is_binary_variable",
     "snap_binary_weights",
 ]
