@@ -1,0 +1,254 @@
+"""kflip.export: packed larq-free SavedModel, LCE TFLite, CLI hooks, errors."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kflip
+from conftest import small_cnn, small_mlp
+from kflip import export as export_lib
+
+
+def _trained_like(model, seed=1):
+    """Give BatchNorm layers non-trivial statistics (as after training).
+
+    Freshly built BN layers have mean 0 / variance 1 / offset 0, so with 8x8 digits
+    (multiples of 1/8) many pre-activations are exactly 0 and every binarization
+    sits on a tie; real trained models have no such degeneracy.
+    """
+    rng = np.random.RandomState(seed)
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape
+            layer.moving_mean.assign(rng.uniform(-0.5, 0.5, n) + 0.01)
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+            layer.beta.assign(rng.uniform(-0.3, 0.3, n))
+    return model
+
+
+def _train_one_step(model, digits):
+    model.compile(
+        optimizer=kflip.FlipLSTM(),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=True,
+    )
+    model.fit(digits.x_train[:64], digits.y_train[:64], batch_size=32, epochs=1, verbose=0)
+    kflip.assert_binary(model)
+    return model
+
+
+# ---- pure TF bit packing -----------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(8,), (3, 5), (2, 3, 4, 7), (1,)])
+def test_pack_matches_numpy_packbits_and_roundtrips_under_xla(shape):
+    rng = np.random.RandomState(sum(shape))
+    x = np.where(rng.rand(*shape) < 0.5, -1.0, 1.0).astype(np.float32)
+    packed = export_lib.pack_pm1(x).numpy()
+    assert packed.dtype == np.uint8
+    np.testing.assert_array_equal(packed, np.packbits(x.ravel() < 0))
+    back = export_lib.unpack_pm1(packed, shape).numpy()
+    np.testing.assert_array_equal(back, x)
+
+    pack_xla = tf.function(export_lib.pack_pm1, jit_compile=True)
+    unpack_xla = tf.function(lambda p: export_lib.unpack_pm1(p, shape), jit_compile=True)
+    np.testing.assert_array_equal(pack_xla(tf.constant(x)).numpy(), packed)
+    np.testing.assert_array_equal(unpack_xla(tf.constant(packed)).numpy(), x)
+
+
+# ---- SavedModel round trip ---------------------------------------------------------------
+_FRESH = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    out = {}
+    for path in sys.argv[1:]:
+        x = np.load(path + ".x.npy")
+        loaded = tf.saved_model.load(path)
+        fn = loaded.signatures["serving_default"]
+        y = fn(inputs=tf.constant(x))["output_0"].numpy()
+        np.save(path + ".y.npy", y)
+        out[path] = sorted(fn.structured_outputs)
+    assert "larq" not in sys.modules and "kflip" not in sys.modules, sorted(
+        m for m in sys.modules if m.startswith(("larq", "kflip")))
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, digits):
+    """MLP and CNN, one FlipLSTM step each, exported packed; reference predictions."""
+    root = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, build in (("mlp", small_mlp), ("cnn", small_cnn)):
+        model = _trained_like(_train_one_step(build(), digits))
+        path = str(root / name)
+        report = kflip.export(model, path)
+        x = digits.x_test[:50]
+        np.save(path + ".x.npy", x)
+        out[name] = (model, path, report, x, model(x, training=False).numpy())
+    return out
+
+
+def test_fresh_process_without_kflip_or_larq_gives_identical_predictions(exported):
+    paths = [exported[k][1] for k in ("mlp", "cnn")]
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, *paths],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(paths[0]),
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in ("mlp", "cnn"):
+        _, path, _, _, expected = exported[name]
+        assert outputs[path] == ["output_0"]
+        got = np.load(path + ".y.npy")
+        assert got.shape == expected.shape == (50, 10)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_report_and_saved_variables_hold_packed_kernels_and_no_optimizer_state(exported):
+    for name in ("mlp", "cnn"):
+        model, path, report, _, _ = exported[name]
+        kernels = kflip.binary_variables(model)
+        n = sum(int(v.shape.num_elements()) for v in kernels)
+        assert report["packed"] is True and report["max_abs_diff"] == 0.0
+        assert report["binary_weights"] == n
+        assert report["binary_kernel_bytes"] == sum(
+            -(-int(v.shape.num_elements()) // 8) for v in kernels
+        )
+        assert report["binary_kernel_bytes_float32"] == 4 * n
+        assert report["saved_model_bytes"] > 0
+        with open(os.path.join(path, export_lib.REPORT_NAME)) as fh:
+            assert json.load(fh) == report
+
+        saved = dict(tf.train.list_variables(os.path.join(path, "variables", "variables")))
+        keys = [k for k in saved if "OBJECT_GRAPH" not in k]
+        assert not [k for k in keys if "optimizer" in k.lower() or "slot" in k.lower()]
+        n_float = len(model.non_trainable_variables) + len(model.trainable_variables) - len(kernels)
+        assert len(keys) == len(kernels) + n_float
+        reader = tf.train.load_checkpoint(os.path.join(path, "variables", "variables"))
+        packed = [k for k in keys if k.startswith("kernels/")]
+        assert len(packed) == len(kernels)
+        for k in packed:
+            assert reader.get_variable_to_dtype_map()[k] == tf.uint8
+
+
+def test_unpacked_export_is_identical_and_larger(exported, tmp_path):
+    model, _, packed_report, x, expected = exported["mlp"]
+    report = kflip.export(model, str(tmp_path / "float"), packed=False, sample=x)
+    assert report["packed"] is False and report["max_abs_diff"] == 0.0
+    assert report["binary_kernel_bytes"] == report["binary_kernel_bytes_float32"]
+    saved = tf.saved_model.load(str(tmp_path / "float"))
+    got = saved.signatures["serving_default"](inputs=tf.constant(x))["output_0"].numpy()
+    np.testing.assert_array_equal(got, expected)
+    var_bytes = lambda p: sum(  # noqa: E731
+        os.path.getsize(os.path.join(p, "variables", f))
+        for f in os.listdir(os.path.join(p, "variables"))
+    )
+    kernel_bytes = packed_report["binary_kernel_bytes_float32"]
+    saving = var_bytes(str(tmp_path / "float")) - var_bytes(packed_report["path"])
+    # float kernels cost 32 bits per weight, packed ones 1 bit: the saving is 31/32.
+    assert saving >= 0.9 * kernel_bytes * 31 / 32
+
+
+# ---- errors ------------------------------------------------------------------------------
+def test_bad_paths_raise_clear_errors(tmp_path):
+    model = small_mlp()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match="`path`.*existing file"):
+        kflip.export(model, str(a_file))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    with pytest.raises(ValueError, match="`path`.*non-empty directory"):
+        kflip.export(model, str(full))
+    with pytest.raises(ValueError, match="`path`.*parent"):
+        kflip.export(model, str(a_file / "sub"))
+    with pytest.raises(ValueError, match="`path`"):
+        kflip.export(model, "")
+    assert sorted(os.listdir(full)) == ["something"]
+
+
+def test_non_binary_or_invalid_models_raise_clear_errors(tmp_path):
+    float_model = tf.keras.Sequential(
+        [tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten(), tf.keras.layers.Dense(10)]
+    )
+    with pytest.raises(ValueError, match="no binary variables"):
+        kflip.export(float_model, str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="`model` must be a tf.keras.Model"):
+        kflip.export("model.h5", str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="`packed` must be a bool"):
+        kflip.export(small_mlp(), str(tmp_path / "c"), packed="yes")
+
+    import larq as lq
+
+    unsnapped = tf.keras.Sequential(
+        [
+            tf.keras.Input((4,)),
+            lq.layers.QuantDense(3, kernel_quantizer=lq.quantizers.NoOp(precision=1)),
+        ]
+    )
+    with pytest.raises(ValueError, match="exactly.*snap_binary_weights"):
+        kflip.export(unsnapped, str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "d")
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+def test_cli_add_arguments_and_run(tmp_path, capsys, digits):
+    parser = export_lib.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["m.h5", "out"])
+    assert (args.model_path, args.out_dir, args.pack, args.tflite) == ("m.h5", "out", True, False)
+    args = parser.parse_args(["m.h5", "out", "--no-pack", "--tflite"])
+    assert (args.pack, args.tflite) == (False, True)
+
+    model = _trained_like(small_mlp())
+    model_path = str(tmp_path / "model.keras")
+    model.save(model_path)
+    out = str(tmp_path / "served")
+    assert export_lib.run(parser.parse_args([model_path, out, "--no-pack"])) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == out and report["packed"] is False
+    assert report["max_abs_diff"] == 0.0
+    x = digits.x_test[:20]
+    got = tf.saved_model.load(out).signatures["serving_default"](inputs=tf.constant(x))
+    np.testing.assert_array_equal(got["output_0"].numpy(), model(x, training=False).numpy())
+
+    with pytest.raises(ValueError, match="`MODEL_PATH`.*does not exist"):
+        export_lib.run(parser.parse_args([str(tmp_path / "missing.h5"), str(tmp_path / "o")]))
+    not_a_model = tmp_path / "junk.h5"
+    not_a_model.write_text("junk")
+    with pytest.raises(ValueError, match="`MODEL_PATH`.*not a loadable Keras model"):
+        export_lib.run(parser.parse_args([str(not_a_model), str(tmp_path / "o2")]))
+
+
+# ---- TFLite via LCE ----------------------------------------------------------------------
+def test_tflite_without_lce_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "larq_compute_engine", None)
+    with pytest.raises(ImportError, match=r"pip install 'kflip\[lce\]'"):
+        kflip.export(small_mlp(), str(tmp_path / "t"), tflite=True)
+    assert not os.path.exists(tmp_path / "t")
+
+
+def test_tflite_with_lce_binary_ops_matches_keras(tmp_path, digits):
+    pytest.importorskip("larq_compute_engine")
+    model = _trained_like(small_cnn())
+    x = digits.x_test[:32]
+    report = kflip.export(model, str(tmp_path / "t"), tflite=True, sample=x)
+    assert os.path.getsize(report["tflite_path"]) == report["tflite_bytes"] > 0
+    assert "LceBconv2d" in report["tflite_lce_ops"]
+    assert report["tflite_argmax_agreement"] == 1.0
+    assert report["tflite_max_abs_diff"] < 1e-4
