@@ -1,0 +1,953 @@
+"""Train one reference BNN (``kflip train``) or compare optimizers on it (``kflip bench``).
+
+Everything here is importable and returns plain JSON-able dicts; :mod:`kflip.cli` is a
+thin argparse layer over :func:`train` and :func:`bench`.
+
+Optimizers (the exact recipes the docs quote):
+
+* ``adam-ste``: ``tf.keras.optimizers.legacy.Adam(1e-3)`` on every variable; binary
+  kernels keep latent floats and the ``ste_sign`` quantizer binarizes them forward.
+* ``bop``: ``larq.optimizers.CaseOptimizer((Bop.is_binary_variable, Bop(threshold,
+  gamma)), default_optimizer=Adam(1e-2))``, threshold 1e-6 and gamma 1e-3 by default.
+* ``fliplstm``: ``kflip.FlipLSTM(weights)`` (flip mode; default shipped weights).
+* ``fliplstm-gradient``: ``kflip.FlipLSTM(weights, output="gradient")`` (ablation).
+
+Every run compiles with ``jit_compile=True`` and is seeded with
+``tf.keras.utils.set_random_seed(seed)``. Telemetry comes from three small callbacks
+defined here: :class:`TestCurve` (test accuracy every K steps, an XLA-compiled
+evaluation that does not touch the Keras metrics), :class:`SignFlipCounter` (sign
+changes of every binary kernel per step, for any optimizer, XLA-compiled) and
+:class:`StepTimer`. FlipLSTM runs also get :class:`kflip.FlipRate` so its per-epoch
+flip rates land in History and TensorBoard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from kflip import _keras
+
+_keras.select_keras2()
+import larq as lq  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kflip import data as data_lib  # noqa: E402
+from kflip import models as models_lib  # noqa: E402
+from kflip._version import __version__  # noqa: E402
+from kflip.binary import assert_binary, binary_variables, snap_binary_weights  # noqa: E402
+from kflip.callbacks import FlipRate  # noqa: E402
+from kflip.cell import sign_pm1  # noqa: E402
+from kflip.optimizer import FlipLSTM  # noqa: E402
+
+OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
+FLIP_OPTIMIZERS = ("fliplstm-gradient", "fliplstm")
+GREEDY_SUFFIX = "+greedy"
+MODEL_OPTIONS = {"mlp": ("hidden",), "cnn": ("filters", "dense"), "binarynet": ("width",)}
+
+# Settings of the no-argument `kflip bench` / `kflip train` on the embedded dataset.
+DIGITS_DEFAULTS = dict(epochs=10, model_options={"hidden": (256, 256)})
+DEFAULT_EPOCHS = 6
+
+
+# ---------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------
+def make_optimizer(
+    name: str,
+    *,
+    bop_threshold: float = 1e-6,
+    bop_gamma: float = 1e-3,
+    lstm_weights: Any = None,
+):
+    """The optimizer recipe called ``name`` (one of :data:`OPTIMIZERS`)."""
+    if name == "adam-ste":
+        return tf.keras.optimizers.legacy.Adam(1e-3)
+    if name == "bop":
+        if not (isinstance(bop_threshold, (int, float)) and bop_threshold >= 0):
+            raise ValueError(f"`bop_threshold` must be a number >= 0, got {bop_threshold!r}.")
+        if not (isinstance(bop_gamma, (int, float)) and 0 < bop_gamma <= 1):
+            raise ValueError(f"`bop_gamma` must be in (0, 1], got {bop_gamma!r}.")
+        return lq.optimizers.CaseOptimizer(
+            (
+                lq.optimizers.Bop.is_binary_variable,
+                lq.optimizers.Bop(threshold=bop_threshold, gamma=bop_gamma),
+            ),
+            default_optimizer=tf.keras.optimizers.legacy.Adam(0.01),
+        )
+    if name == "fliplstm":
+        return FlipLSTM(lstm_weights)
+    if name == "fliplstm-gradient":
+        return FlipLSTM(lstm_weights, output="gradient")
+    raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {name!r}.")
+
+
+def build_model(name: str, dataset: data_lib.Dataset, **options) -> tf.keras.Model:
+    """``kflip.models.build(name, ...)`` with a clear error for unusable options/inputs."""
+    if name not in MODEL_OPTIONS:
+        raise ValueError(f"`model` must be one of {sorted(MODEL_OPTIONS)}, got {name!r}.")
+    unknown = sorted(set(options) - set(MODEL_OPTIONS[name]))
+    if unknown:
+        raise ValueError(
+            f"`model_options` {unknown} do not apply to model {name!r} "
+            f"(it takes {list(MODEL_OPTIONS[name])})."
+        )
+    try:
+        return models_lib.build(name, dataset.input_shape, dataset.num_classes, **options)
+    except ValueError as e:
+        if str(e).startswith("`"):  # already names its parameter
+            raise
+        raise ValueError(
+            f"`model` {name!r} cannot be built for dataset {dataset.name!r} with input "
+            f"shape {dataset.input_shape}: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def state_bytes_per_binary_weight(model: tf.keras.Model) -> float:
+    """Optimizer-state bytes per binary weight, measured from the optimizer's slots.
+
+    Sums the slot variables the (possibly nested) optimizer keeps for the binary
+    kernels of ``model`` and divides by their number of weights. Call after at least
+    one training step (slots are created lazily).
+    """
+    opt = model.optimizer
+    candidates = [opt] + list(getattr(opt, "optimizers", []))
+    variables = binary_variables(model)
+    n_weights = sum(int(v.shape.num_elements()) for v in variables)
+    if not n_weights:
+        return 0.0
+    total = 0
+    for var in variables:
+        for o in candidates:
+            if not hasattr(o, "get_slot_names"):
+                continue
+            for slot_name in o.get_slot_names():
+                try:
+                    slot = o.get_slot(var, slot_name)
+                except (KeyError, ValueError):
+                    continue
+                total += int(slot.shape.num_elements()) * slot.dtype.size
+    return total / n_weights
+
+
+def _layer_label(var) -> str:
+    return var.name.rsplit(":", 1)[0]
+
+
+def default_eval_every(steps_per_epoch: int) -> int:
+    """About five test evaluations per epoch."""
+    return max(1, int(round(steps_per_epoch / 5)))
+
+
+def _check_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+# ---------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------
+def make_evaluator(model: tf.keras.Model, batch_size: int = 1000):
+    """``evaluate(x, y) -> (accuracy, mean loss)`` of ``model`` in inference mode.
+
+    One XLA-compiled function per batch of ``batch_size`` examples; it neither resets
+    nor feeds the model's Keras metrics, so it is safe to call in the middle of
+    ``fit``. The model must output class probabilities (as kflip's models do).
+    """
+    _check_positive_int("batch_size", batch_size)
+
+    @tf.function(jit_compile=True)
+    def batch_sums(x, y):
+        p = model(x, training=False)
+        loss = tf.keras.losses.sparse_categorical_crossentropy(y, p)
+        hit = tf.cast(tf.equal(tf.argmax(p, axis=-1), tf.cast(y, tf.int64)), tf.float32)
+        return tf.reduce_sum(loss), tf.reduce_sum(hit)
+
+    def evaluate(x, y):
+        x, y = np.asarray(x), np.asarray(y)
+        if not len(x):
+            raise ValueError("`x` must hold at least one example.")
+        loss_sum, hit_sum = 0.0, 0.0
+        for i in range(0, len(x), batch_size):
+            loss, hit = batch_sums(x[i : i + batch_size], y[i : i + batch_size])
+            loss_sum += float(loss)
+            hit_sum += float(hit)
+        return hit_sum / len(x), loss_sum / len(x)
+
+    return evaluate
+
+
+class TestCurve(tf.keras.callbacks.Callback):
+    """Evaluate the test set every ``every_n_steps`` training steps.
+
+    Uses :func:`make_evaluator` (XLA, inference mode, Keras metrics untouched).
+    ``curve`` gets ``{"step", "test_accuracy", "test_loss"}`` at step 0, every
+    ``every_n_steps`` steps and at every epoch end (whose logs also get
+    ``test_accuracy``/``test_loss``, so they reach History and TensorBoard).
+    """
+
+    def __init__(self, x, y, every_n_steps: int, batch_size: int = 1000):
+        super().__init__()
+        _check_positive_int("every_n_steps", every_n_steps)
+        _check_positive_int("batch_size", batch_size)
+        self.x, self.y = np.asarray(x), np.asarray(y)
+        self.every_n_steps = int(every_n_steps)
+        self.batch_size = int(batch_size)
+        self.curve: list[dict] = []
+        self.step = 0
+        self._evaluate = None
+
+    def evaluate(self) -> tuple[float, float]:
+        """(test accuracy, test loss) of the model now."""
+        if self._evaluate is None:
+            self._evaluate = make_evaluator(self.model, self.batch_size)
+        return self._evaluate(self.x, self.y)
+
+    def _record(self):
+        if self.curve and self.curve[-1]["step"] == self.step:
+            return self.curve[-1]
+        acc, loss = self.evaluate()
+        point = {"step": self.step, "test_accuracy": acc, "test_loss": loss}
+        self.curve.append(point)
+        return point
+
+    def on_train_begin(self, logs=None):
+        if not self.curve:
+            self._record()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every_n_steps == 0:
+            self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        point = self._record()
+        if logs is not None:
+            logs["test_accuracy"] = point["test_accuracy"]
+            logs["test_loss"] = point["test_loss"]
+
+
+class SignFlipCounter(tf.keras.callbacks.Callback):
+    """Count sign changes of every binary kernel after every step, for any optimizer.
+
+    For Bop/FlipLSTM(flip) these are the flips; for Adam+STE and FlipLSTM(gradient)
+    they are the sign changes of the latent weights, i.e. the flips of the binary
+    weights the forward pass uses. The per-step update is one XLA-compiled function.
+    ``history`` gets ``{"step", "flip_rate/<variable>", "flip_rate"}`` (flips per
+    weight per step since the previous entry) every ``every_n_steps`` steps;
+    ``totals()`` the cumulative flips per variable; epoch logs get ``flips_per_step``.
+    """
+
+    def __init__(self, every_n_steps: int):
+        super().__init__()
+        _check_positive_int("every_n_steps", every_n_steps)
+        self.every_n_steps = int(every_n_steps)
+        self.history: list[dict] = []
+        self.step = 0
+        self._vars: list = []
+
+    def on_train_begin(self, logs=None):
+        if self._vars:
+            return  # a second fit() keeps counting
+        self._vars = binary_variables(self.model)
+        self._names = [_layer_label(v) for v in self._vars]
+        self._sizes = [int(v.shape.num_elements()) for v in self._vars]
+        self._prev = [tf.Variable(sign_pm1(v), trainable=False) for v in self._vars]
+        self._counts = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in self._vars]
+
+        @tf.function(jit_compile=True)
+        def update():
+            for v, prev, count in zip(self._vars, self._prev, self._counts):
+                s = sign_pm1(v)
+                count.assign_add(tf.reduce_sum(tf.cast(tf.not_equal(s, prev), tf.int64)))
+                prev.assign(s)
+
+        self._update = update
+        self._update()  # compile now (counts nothing: prev == current)
+        self._mark = (0, [0] * len(self._vars))
+        self._epoch_mark = (0, 0)
+
+    def totals(self) -> dict:
+        return {n: int(c.numpy()) for n, c in zip(self._names, self._counts)}
+
+    @property
+    def total_flips(self) -> int:
+        return int(sum(self.totals().values()))
+
+    def flips_per_step(self) -> float:
+        return self.total_flips / max(self.step, 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._vars:
+            self._update()
+        self.step += 1
+        if self.step % self.every_n_steps == 0 and self._vars:
+            counts = [int(c.numpy()) for c in self._counts]
+            last_step, last = self._mark
+            steps = self.step - last_step
+            entry = {"step": self.step}
+            for name, size, now, before in zip(self._names, self._sizes, counts, last):
+                entry[f"flip_rate/{name}"] = (now - before) / (steps * size)
+            entry["flip_rate"] = (sum(counts) - sum(last)) / (steps * sum(self._sizes))
+            self.history.append(entry)
+            self._mark = (self.step, counts)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or not self._vars:
+            return
+        total = self.total_flips
+        step0, flips0 = self._epoch_mark
+        logs["flips_per_step"] = (total - flips0) / max(self.step - step0, 1)
+        self._epoch_mark = (self.step, total)
+
+
+class StepTimer(tf.keras.callbacks.Callback):
+    """Wall time of every training step (put it first in the callback list)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+        self._t0 = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._t0)
+
+    def steady_state_seconds(self) -> float | None:
+        """Median step time, excluding the first step (tracing + XLA compilation)."""
+        if len(self.times) < 2:
+            return None
+        return float(np.median(self.times[1:]))
+
+
+# ---------------------------------------------------------------------------------
+# Greedy flip search (kflip.greedy, imported lazily)
+# ---------------------------------------------------------------------------------
+def greedy_module():
+    """``kflip.greedy`` or None if this version does not have it."""
+    try:
+        return importlib.import_module("kflip.greedy")
+    except ModuleNotFoundError as e:
+        if e.name in ("kflip.greedy",):
+            return None
+        raise
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "_asdict"):
+        return _jsonable(obj._asdict())
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (tf.Tensor, tf.Variable)):
+        return _jsonable(obj.numpy())
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    for method in ("to_dict", "as_dict"):
+        if callable(getattr(obj, method, None)):
+            return _jsonable(getattr(obj, method)())
+    if hasattr(obj, "__dict__"):
+        return _jsonable({k: v for k, v in vars(obj).items() if not k.startswith("_")})
+    return str(obj)
+
+
+# Defaults for the greedy search that follows training: a per-layer time budget and
+# the most promising candidates first (by the first-order gain -2*theta*g).
+GREEDY_DEFAULTS = {"order": "gradient", "max_seconds": 10.0}
+
+
+def greedy_options_with_defaults(options: dict | None, examples: int) -> dict:
+    """``options`` for ``greedy_flip`` on top of :data:`GREEDY_DEFAULTS` and
+    ``probe_size=examples``; a value of None removes a default (e.g. no budget)."""
+    _check_positive_int("greedy_examples", examples)
+    merged = dict(GREEDY_DEFAULTS, probe_size=int(examples))
+    merged.update(options or {})
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def run_greedy(model, dataset, *, examples: int = 1024, options: dict | None = None) -> dict:
+    """Snap the binary kernels to +-1 and run ``kflip.greedy.greedy_flip`` on them.
+
+    The probe set is ``examples`` training examples (``greedy_flip`` draws a fixed
+    random subset); ``options`` override :data:`GREEDY_DEFAULTS`. Snapping does not
+    change the function the model computes (its ``ste_sign`` quantizers already see
+    only the signs). Returns ``{"report", "seconds", "options"}``.
+    """
+    module = greedy_module()
+    if module is None:
+        raise ValueError(
+            "`greedy` needs kflip.greedy, which is not available in this version of kflip."
+        )
+    options = greedy_options_with_defaults(options, examples)
+    snap_binary_weights(model)
+    t0 = time.perf_counter()
+    report = module.greedy_flip(model, dataset.x_train, dataset.y_train, **options)
+    seconds = time.perf_counter() - t0
+    assert_binary(model)
+    return {"report": _jsonable(report), "seconds": seconds, "options": _jsonable(options)}
+
+
+# ---------------------------------------------------------------------------------
+# One training run
+# ---------------------------------------------------------------------------------
+def resolve_dataset(dataset, data_dir=None, download=False, n_train=None, n_test=None):
+    """A :class:`kflip.data.Dataset` from a name or a Dataset, optionally subset."""
+    if isinstance(dataset, data_lib.Dataset):
+        ds = dataset
+    elif isinstance(dataset, str):
+        ds = data_lib.load(dataset, data_dir=data_dir, download=download)
+    else:
+        raise ValueError(f"`dataset` must be a dataset name or a kflip.data.Dataset, got {dataset!r}.")
+    _check_positive_int("n_train", n_train, allow_none=True)
+    _check_positive_int("n_test", n_test, allow_none=True)
+    if n_train is not None or n_test is not None:
+        ds = ds.subset(n_train, n_test)
+    return ds
+
+
+def _defaults_for(ds, epochs, model, model_options):
+    if ds.name == "digits":
+        if epochs is None:
+            epochs = DIGITS_DEFAULTS["epochs"]
+        if model_options is None and model == "mlp":
+            model_options = dict(DIGITS_DEFAULTS["model_options"])
+    if epochs is None:
+        epochs = DEFAULT_EPOCHS
+    return epochs, dict(model_options or {})
+
+
+def _run(
+    ds: data_lib.Dataset,
+    *,
+    model: str,
+    model_options: dict,
+    optimizer: str,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    eval_every: int | None,
+    tensorboard_dir: str | None = None,
+    verbose: int = 0,
+    optimizer_options: dict | None = None,
+):
+    """Train once; returns (result dict, trained model)."""
+    _check_positive_int("epochs", epochs)
+    _check_positive_int("batch_size", batch_size)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"`seed` must be an int >= 0, got {seed!r}.")
+    steps_per_epoch = math.ceil(len(ds.x_train) / batch_size)
+    if eval_every is None:
+        eval_every = default_eval_every(steps_per_epoch)
+    _check_positive_int("eval_every", eval_every)
+
+    t_start = time.perf_counter()
+    tf.keras.backend.clear_session()  # layer names restart, so runs are comparable
+    tf.keras.utils.set_random_seed(int(seed))
+    net = build_model(model, ds, **model_options)
+    opt = make_optimizer(optimizer, **(optimizer_options or {}))
+    net.compile(
+        optimizer=opt,
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    timer = StepTimer()
+    curve = TestCurve(ds.x_test, ds.y_test, eval_every)
+    counter = SignFlipCounter(eval_every)
+    callbacks = [timer, curve, counter]
+    if isinstance(opt, FlipLSTM):
+        callbacks.append(FlipRate())
+    if tensorboard_dir:
+        callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=tensorboard_dir))
+    t_fit = time.perf_counter()
+    hist = net.fit(
+        ds.x_train,
+        ds.y_train,
+        batch_size=batch_size,
+        epochs=epochs,
+        shuffle=True,
+        verbose=verbose,
+        callbacks=callbacks,
+    )
+    fit_seconds = time.perf_counter() - t_fit
+    if optimizer == "fliplstm":
+        assert_binary(net)
+    final = curve.curve[-1]
+    step_s = timer.steady_state_seconds()
+    result = {
+        "optimizer": optimizer,
+        "seed": int(seed),
+        "dataset": ds.name,
+        "model": model,
+        "model_options": _jsonable(model_options),
+        "params": int(net.count_params()),
+        "binary_weights": int(sum(int(v.shape.num_elements()) for v in binary_variables(net))),
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "steps": int(curve.step),
+        "eval_every": int(eval_every),
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "history": _jsonable(hist.history),
+        "test_curve": curve.curve,
+        "flip_curve": counter.history,
+        "flips": counter.totals(),
+        "flips_per_step": counter.flips_per_step(),
+        "step_ms": None if step_s is None else 1e3 * step_s,
+        "fit_seconds": fit_seconds,
+        "wall_seconds": time.perf_counter() - t_start,
+        "state_bytes_per_binary_weight": state_bytes_per_binary_weight(net),
+    }
+    return result, net
+
+
+def _write_json(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=1)
+    os.replace(tmp, path)
+
+
+def _save(net, result: dict, output_dir: str) -> dict:
+    os.makedirs(output_dir, exist_ok=True)
+    model_path = os.path.join(output_dir, "model.keras")
+    net.save(model_path)
+    history_path = os.path.join(output_dir, "history.json")
+    result = dict(result, model_path=model_path, history_path=history_path)
+    _write_json(result, history_path)
+    return result
+
+
+def train(
+    dataset="digits",
+    *,
+    model: str = "mlp",
+    model_options: dict | None = None,
+    optimizer: str = "fliplstm",
+    epochs: int | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+    eval_every: int | None = None,
+    greedy: bool = False,
+    greedy_examples: int = 1024,
+    greedy_options: dict | None = None,
+    output_dir: str | None = None,
+    tensorboard_dir: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    bop_threshold: float = 1e-6,
+    bop_gamma: float = 1e-3,
+    lstm_weights=None,
+    verbose: int = 1,
+    return_model: bool = False,
+):
+    """Train one reference BNN with one optimizer (the ``kflip train`` command).
+
+    Args:
+      dataset: a name for :func:`kflip.data.load` (``"digits"``, ``"mnist"``, any
+        tfds name, or a local ``.npz`` under ``data_dir``) or a ``Dataset``.
+      model: ``"mlp"``, ``"cnn"`` or ``"binarynet"``; ``model_options`` go to the
+        builder (``hidden``; ``filters``/``dense``; ``width``).
+      optimizer: one of :data:`OPTIMIZERS`.
+      epochs: default 6 (10 on digits, whose MLP default is ``hidden=(256, 256)``).
+      eval_every: evaluate the test set every this many steps (default: about five
+        times per epoch).
+      greedy: after training, run ``kflip.greedy_flip`` with a probe set of
+        ``greedy_examples`` training examples; ``greedy_options`` (keywords of
+        ``greedy_flip``) override :data:`GREEDY_DEFAULTS`.
+      output_dir: if given, writes ``model.keras`` (loads back with
+        ``tf.keras.models.load_model`` after ``import kflip``) and ``history.json``.
+      tensorboard_dir: if given, a TensorBoard log dir.
+
+    Returns:
+      The run's result dict (also written to ``history.json``), and the model if
+      ``return_model``.
+    """
+    ds = resolve_dataset(dataset, data_dir, download, n_train, n_test)
+    epochs, model_options = _defaults_for(ds, epochs, model, model_options)
+    if greedy and greedy_module() is None:
+        raise ValueError(
+            "`greedy` needs kflip.greedy (the greedy flip search), which is not "
+            "available in this version of kflip."
+        )
+    result, net = _run(
+        ds,
+        model=model,
+        model_options=model_options,
+        optimizer=optimizer,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        eval_every=eval_every,
+        tensorboard_dir=tensorboard_dir,
+        verbose=verbose,
+        optimizer_options=dict(
+            bop_threshold=bop_threshold, bop_gamma=bop_gamma, lstm_weights=lstm_weights
+        ),
+    )
+    if greedy:
+        before = result["test_accuracy"]
+        g = run_greedy(net, ds, examples=greedy_examples, options=greedy_options)
+        acc, loss = make_evaluator(net)(ds.x_test, ds.y_test)
+        g.update(test_accuracy_before=before, test_accuracy_after=acc, test_loss_after=loss)
+        result.update(greedy=g, test_accuracy=acc, test_loss=loss)
+        result["wall_seconds"] += g["seconds"]
+    if output_dir:
+        result = _save(net, result, output_dir)
+    return (result, net) if return_model else result
+
+
+# ---------------------------------------------------------------------------------
+# Step timing, interleaved
+# ---------------------------------------------------------------------------------
+def time_train_steps(
+    models: dict, x, y, *, steps: int = 20, rounds: int = 5
+) -> dict:
+    """Steady-state seconds per training step of already-trained, compiled models.
+
+    Reuses each model's compiled (XLA) train function on one fixed batch, after two
+    warm-up calls; the optimizers are timed round-robin (``rounds`` rounds of
+    ``steps`` steps, the starting model rotating) so a machine whose load changes
+    over time affects them alike. Returns the median per-step seconds per key.
+    Note: this trains the models further.
+    """
+    _check_positive_int("steps", steps)
+    _check_positive_int("rounds", rounds)
+    names = list(models)
+    fns, its = {}, {}
+    for name in names:
+        m = models[name]
+        its[name] = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+        fns[name] = m.make_train_function()
+        for _ in range(2):
+            _sync(fns[name](its[name]))
+    per = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            fn, it = fns[name], its[name]
+            t0 = time.perf_counter()
+            out = None
+            for _ in range(steps):
+                out = fn(it)
+            _sync(out)
+            per[name].append((time.perf_counter() - t0) / steps)
+    return {name: float(np.median(v)) for name, v in per.items()}
+
+
+def _sync(out):
+    tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+
+
+# ---------------------------------------------------------------------------------
+# The benchmark
+# ---------------------------------------------------------------------------------
+def machine_info() -> dict:
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "larq": getattr(lq, "__version__", "?"),
+        "kflip": __version__,
+    }
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    arr = np.asarray(values, dtype=np.float64)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return float(arr.mean()), std
+
+
+def summarize(runs: list[dict], step_seconds: dict) -> list[dict]:
+    """One row per optimizer (in order of appearance) from the per-seed runs."""
+    order = list(dict.fromkeys(r["optimizer"] for r in runs))
+    bop = step_seconds.get("bop")
+    rows = []
+    for name in order:
+        rs = [r for r in runs if r["optimizer"] == name]
+        base = name[: -len(GREEDY_SUFFIX)] if name.endswith(GREEDY_SUFFIX) else name
+        acc_mean, acc_std = _mean_std([r["test_accuracy"] for r in rs])
+        wall_mean, _ = _mean_std([r["wall_seconds"] for r in rs])
+        greedy = name != base
+        step = None if greedy else step_seconds.get(name)
+        row = {
+            "optimizer": name,
+            "seeds": [r["seed"] for r in rs],
+            "test_accuracy_mean": acc_mean,
+            "test_accuracy_std": acc_std,
+            "wall_seconds_mean": wall_mean,
+            "step_ms": None if step is None else 1e3 * step,
+            "step_time_rel_bop": None if (step is None or not bop) else step / bop,
+            "state_bytes_per_binary_weight": _mean_std(
+                [r["state_bytes_per_binary_weight"] for r in rs]
+            )[0],
+            "flips_per_step": None if greedy else _mean_std([r["flips_per_step"] for r in rs])[0],
+        }
+        if greedy:
+            row["greedy_seconds_mean"] = _mean_std([r["greedy"]["seconds"] for r in rs])[0]
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The bench table as GitHub-flavoured Markdown."""
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    header = (
+        "| optimizer | test accuracy (%) | wall s / run | step ms | step time / Bop "
+        "| state B / binary weight | flips / step |"
+    )
+    lines = [header, "|" + "---|" * 7]
+    for r in rows:
+        acc = (
+            "-"
+            if r["test_accuracy_mean"] is None
+            else f"{100 * r['test_accuracy_mean']:.2f} +/- {100 * r['test_accuracy_std']:.2f}"
+        )
+        lines.append(
+            f"| {r['optimizer']} | {acc} | {f(r['wall_seconds_mean'], '.1f')} "
+            f"| {f(r['step_ms'], '.2f')} | {f(r['step_time_rel_bop'], '.2f')} "
+            f"| {f(r['state_bytes_per_binary_weight'], '.2f')} | {f(r['flips_per_step'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def bench(
+    dataset="digits",
+    *,
+    model: str = "mlp",
+    model_options: dict | None = None,
+    optimizers: Sequence[str] = OPTIMIZERS,
+    greedy_after: Sequence[str] = FLIP_OPTIMIZERS,
+    seeds=2,
+    epochs: int | None = None,
+    batch_size: int = 64,
+    eval_every: int | None = None,
+    output_dir: str | None = "kflip-bench",
+    plots: bool = True,
+    timing_steps: int = 20,
+    timing_rounds: int = 5,
+    greedy_examples: int = 1024,
+    greedy_options: dict | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    bop_threshold: float = 1e-6,
+    bop_gamma: float = 1e-3,
+    lstm_weights=None,
+    verbose: int = 1,
+    print_fn: Callable[[str], None] | None = print,
+    command: str | None = None,
+) -> dict:
+    """Same model, data, epochs and seeds under every optimizer (``kflip bench``).
+
+    For each optimizer in ``optimizers`` and each seed: train (see :func:`train`),
+    record final test accuracy, the test-accuracy-vs-step curve, sign flips per
+    layer, wall time and measured optimizer-state bytes per binary weight. Optimizers
+    in ``greedy_after`` get an extra row ``<name>+greedy``: the same trained model
+    after one greedy flip search (skipped, with a note, if ``kflip.greedy`` is
+    missing). Then the seed-``seeds[0]`` models are timed round-robin
+    (:func:`time_train_steps`) for the step time relative to Bop (a Bop model is
+    trained for one epoch just for timing if ``"bop"`` is not benchmarked).
+
+    Args:
+      seeds: number of seeds (``0..n-1``) or a list of seeds.
+      output_dir: where ``results.json`` and the PNG plots go (None: write nothing).
+      print_fn: progress and the final table go here (None: silent).
+      (others as in :func:`train`)
+
+    Returns:
+      ``{"config", "machine", "runs", "summary", "table", "step_seconds", "notes",
+      "files"}``.
+    """
+    say = print_fn or (lambda s: None)
+    optimizers = list(optimizers)
+    if not optimizers:
+        raise ValueError("`optimizers` must name at least one optimizer.")
+    for name in optimizers:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"`optimizers` entries must be in {list(OPTIMIZERS)}, got {name!r}.")
+    if len(set(optimizers)) != len(optimizers):
+        raise ValueError(f"`optimizers` has duplicates: {optimizers!r}.")
+    greedy_after = list(greedy_after or [])
+    for name in greedy_after:
+        if name not in OPTIMIZERS:
+            raise ValueError(f"`greedy_after` entries must be in {list(OPTIMIZERS)}, got {name!r}.")
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        _check_positive_int("seeds", seeds)
+        seeds = list(range(int(seeds)))
+    else:
+        seeds = list(seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or not all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 0 for s in seeds
+        ):
+            raise ValueError(f"`seeds` must be a positive int or distinct ints >= 0, got {seeds!r}.")
+    _check_positive_int("timing_steps", timing_steps)
+    _check_positive_int("timing_rounds", timing_rounds)
+
+    ds = resolve_dataset(dataset, data_dir, download, n_train, n_test)
+    epochs, model_options = _defaults_for(ds, epochs, model, model_options)
+    notes = []
+    do_greedy = [n for n in greedy_after if n in optimizers]
+    if do_greedy and greedy_module() is None:
+        notes.append(
+            "greedy rows skipped: kflip.greedy is not available in this version of kflip."
+        )
+        say("note: " + notes[-1])
+        do_greedy = []
+    opt_options = dict(bop_threshold=bop_threshold, bop_gamma=bop_gamma, lstm_weights=lstm_weights)
+    config = {
+        "dataset": ds.name,
+        "dataset_source": ds.source,
+        "n_train": int(len(ds.x_train)),
+        "n_test": int(len(ds.x_test)),
+        "model": model,
+        "model_options": _jsonable(model_options),
+        "optimizers": optimizers,
+        "greedy_after": do_greedy,
+        "greedy_examples": greedy_examples,
+        "greedy_options": _jsonable(
+            greedy_options_with_defaults(greedy_options, greedy_examples) if do_greedy else {}
+        ),
+        "seeds": [int(s) for s in seeds],
+        "epochs": int(epochs),
+        "batch_size": int(batch_size),
+        "eval_every": eval_every,
+        "bop_threshold": bop_threshold,
+        "bop_gamma": bop_gamma,
+        "lstm_weights": None if lstm_weights is None else str(lstm_weights),
+        "jit_compile": True,
+        "command": command,
+    }
+    say(
+        f"kflip bench: {ds.name} ({len(ds.x_train)} train / {len(ds.x_test)} test), "
+        f"model {model} {model_options or ''}, {epochs} epochs, batch {batch_size}, "
+        f"seeds {seeds}, optimizers {optimizers}"
+    )
+    t_bench = time.perf_counter()
+    runs, timing_models = [], {}
+    for name in optimizers:
+        for seed in seeds:
+            result, net = _run(
+                ds,
+                model=model,
+                model_options=model_options,
+                optimizer=name,
+                epochs=epochs,
+                batch_size=batch_size,
+                seed=seed,
+                eval_every=eval_every,
+                verbose=0,
+                optimizer_options=opt_options,
+            )
+            runs.append(result)
+            say(
+                f"  {name:<18} seed {seed}: test accuracy {100 * result['test_accuracy']:.2f}%"
+                f"  ({result['wall_seconds']:.1f} s, {result['flips_per_step']:.1f} flips/step)"
+            )
+            if name in do_greedy:
+                g = run_greedy(net, ds, examples=greedy_examples, options=greedy_options)
+                acc, loss = make_evaluator(net)(ds.x_test, ds.y_test)
+                g.update(test_accuracy_before=result["test_accuracy"], test_accuracy_after=acc)
+                runs.append(
+                    dict(
+                        result,
+                        optimizer=name + GREEDY_SUFFIX,
+                        test_accuracy=acc,
+                        test_loss=loss,
+                        wall_seconds=result["wall_seconds"] + g["seconds"],
+                        greedy=g,
+                    )
+                )
+                say(
+                    f"  {name + GREEDY_SUFFIX:<18} seed {seed}: test accuracy "
+                    f"{100 * acc:.2f}%  (greedy {g['seconds']:.1f} s)"
+                )
+            if seed == seeds[0]:
+                timing_models[name] = net
+    if "bop" not in timing_models:
+        _, timing_models["bop"] = _run(
+            ds,
+            model=model,
+            model_options=model_options,
+            optimizer="bop",
+            epochs=1,
+            batch_size=batch_size,
+            seed=seeds[0],
+            eval_every=eval_every,
+            optimizer_options=opt_options,
+        )
+        notes.append("bop was trained for one epoch only to time its train step.")
+    say(f"  timing train steps round-robin ({timing_rounds} x {timing_steps} steps each) ...")
+    x_b, y_b = ds.x_train[:batch_size], ds.y_train[:batch_size]
+    step_seconds = time_train_steps(
+        timing_models, x_b, y_b, steps=timing_steps, rounds=timing_rounds
+    )
+    rows = summarize(runs, step_seconds)
+    table = format_table(rows)
+    results = {
+        "config": config,
+        "machine": machine_info(),
+        "runs": runs,
+        "summary": rows,
+        "table": table,
+        "step_seconds": step_seconds,
+        "notes": notes,
+        "bench_seconds": time.perf_counter() - t_bench,
+        "files": {},
+    }
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "results.json")
+        results["files"]["results"] = path
+        _write_json(results, path)  # first, so a plotting problem cannot lose results
+        if plots:
+            from kflip import plots as plots_lib
+
+            results["files"].update(plots_lib.plot_results(results, output_dir))
+            _write_json(results, path)
+    say("")
+    say(table)
+    say(
+        f"\n(test accuracy: mean +/- sample std over {len(seeds)} seed(s); step time: "
+        "median steady-state XLA train step, measured round-robin in this process)"
+    )
+    for note in notes:
+        say("note: " + note)
+    if results["files"]:
+        say("wrote " + ", ".join(results["files"].values()))
+    say(f"total {results['bench_seconds']:.0f} s")
+    return results
