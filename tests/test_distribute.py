@@ -14,9 +14,8 @@ import textwrap
 
 import numpy as np
 import pytest
+import kflip  # noqa: I001  (before TensorFlow: selects Keras 2)
 import tensorflow as tf
-
-import kflip
 from conftest import binary_values, is_pm1, small_mlp
 
 _SCRIPT = textwrap.dedent(

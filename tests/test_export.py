@@ -9,9 +9,8 @@ import textwrap
 
 import numpy as np
 import pytest
+import kflip  # noqa: I001  (before TensorFlow: selects Keras 2)
 import tensorflow as tf
-
-import kflip
 from conftest import small_cnn, small_mlp
 from kflip import export as export_lib
 
