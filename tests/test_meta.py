@@ -1,0 +1,319 @@
+"""Meta-training (kflip.meta, kflip.meta_tasks): inner loop, ES, determinism, CLI."""
+
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kflip
+from kflip import cell as cell_lib
+from kflip import meta, meta_tasks
+
+TINY = dict(
+    iterations=2,
+    pairs=2,
+    horizon=40,
+    families=("mlp-32",),
+    family_weights=(1.0,),
+    datasets=("digits", "teacher"),
+    val_tasks=2,
+    eval_every=1,
+    seed=3,
+)
+
+
+def _tensors(task):
+    return (
+        task.x_train,
+        task.y_train,
+        task.x_held_out,
+        task.y_held_out,
+        task.batches,
+        tuple(tf.constant(k) for k in task.kernels),
+    )
+
+
+# ---- tasks and the functional networks ---------------------------------------------
+def test_make_task_is_deterministic_and_binary():
+    a = meta_tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
+    b = meta_tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
+    c = meta_tasks.make_task("mlp-64-64", "digits-proj", 8, horizon=20)
+    np.testing.assert_array_equal(a.x_train, b.x_train)
+    np.testing.assert_array_equal(a.batches, b.batches)
+    assert not np.array_equal(a.x_train, c.x_train)
+    assert a.x_train.shape == (meta_tasks.N_TRAIN, 64)
+    assert a.batches.shape == (20, meta_tasks.BATCH_SIZE)
+    assert all(np.all(np.abs(k) == 1) for k in a.kernels)
+    assert [k.shape for k in a.kernels] == [(64, 64), (64, 64), (64, 10)]
+    # teacher labels use every class often enough to be a real task
+    t = meta_tasks.make_task("mlp-32", "teacher", 1, horizon=1)
+    assert len(np.unique(t.y_train)) >= 5
+
+
+def test_functional_mlp_matches_keras_mlp():
+    """The inner network is the same function as kflip.models.mlp in training mode."""
+    task = meta_tasks.make_task("mlp-32", "digits", 0, horizon=1)
+    model = kflip.models.mlp(input_shape=(64,), num_classes=10, hidden=(32,))
+    dense = [layer for layer in model.layers if hasattr(layer, "kernel")]
+    for layer, k in zip(dense, task.kernels):
+        layer.kernel.assign(k)
+    x = task.x_train[:64]
+    want = model(x, training=True).numpy()
+    fam = meta_tasks.FAMILIES["mlp-32"]
+    offsets = [tf.zeros(s) for s in meta_tasks.offset_shapes(fam)]
+    got = tf.nn.softmax(meta_tasks.forward(fam, task.kernels, offsets, tf.constant(x))).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_ste_sign_forward_and_gradient():
+    x = tf.constant([-2.0, -0.5, 0.0, 0.7, 1.5])
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = meta_tasks.ste_sign(x)
+    np.testing.assert_array_equal(y.numpy(), [-1, -1, 1, 1, 1])
+    np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [0, 1, 1, 1, 0])
+
+
+H = TINY["horizon"]  # one horizon for every MLP test: XLA compiles the unroll once
+
+
+def _eager_reference(w, task):
+    """The inner loop written eagerly from kflip.cell.flip_step (no XLA, no while)."""
+    fam = meta_tasks.FAMILIES[task.family]
+    cell = cell_lib.CellTensors.from_weights(w)
+    kernels = [tf.constant(k) for k in task.kernels]
+    offsets = [tf.zeros(s) for s in meta_tasks.offset_shapes(fam)]
+    m1 = [tf.zeros_like(o) for o in offsets]
+    m2 = [tf.zeros_like(o) for o in offsets]
+    h = [tf.zeros(k.shape + (1,)) for k in kernels]
+    c = [tf.zeros(k.shape + (1,)) for k in kernels]
+    v = [tf.zeros([]) for _ in kernels]
+    logs, flips = [], 0
+    for t, idx in enumerate(task.batches):
+        with tf.GradientTape() as tape:
+            tape.watch(kernels + offsets)
+            loss = meta_tasks.xent(
+                meta_tasks.forward(fam, kernels, offsets, task.x_train[idx]), task.y_train[idx]
+            )
+        grads = tape.gradient(loss, kernels + offsets)
+        logs.append(np.log(float(loss)))
+        for j in range(len(kernels)):
+            out = cell_lib.flip_step(cell, kernels[j], grads[j], h[j], c[j], v[j], float(t + 1),
+                                     beta=w.beta, eps=w.eps)
+            kernels[j] = kernels[j] * out.sign
+            h[j], c[j], v[j] = out.h, out.c, out.v
+            flips += int(tf.reduce_sum(tf.cast(out.sign < 0, tf.int32)))
+            g = grads[len(kernels) + j]
+            m1[j] = 0.9 * m1[j] + 0.1 * g
+            m2[j] = 0.999 * m2[j] + 0.001 * g * g
+            upd = (m1[j] / (1 - 0.9 ** (t + 1))) / (tf.sqrt(m2[j] / (1 - 0.999 ** (t + 1))) + 1e-7)
+            offsets[j] = offsets[j] - 0.01 * upd
+    return kernels, float(np.mean(logs)), flips
+
+
+def test_compiled_unroll_equals_eager_flip_step_reference():
+    """The XLA inner loop applies exactly kflip.cell.flip_step to every kernel."""
+    w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
+    task = meta_tasks.make_task("mlp-32", "digits", 5, horizon=H)
+    fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
+    res = fn(tf.constant(meta_tasks.flatten(w), tf.float32), *_tensors(task))
+    kernels, mean_log, flips = _eager_reference(w, task)
+    assert flips > 0  # the comparison is not vacuous
+    for got, want in zip(res.kernels, kernels):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_allclose(float(res.mean_log_train_loss), mean_log, rtol=1e-4, atol=1e-5)
+
+
+def test_unroll_is_xla_compiled_and_learns_with_binary_kernels():
+    w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
+    task = meta_tasks.make_task("mlp-32", "digits", 1, horizon=H)
+    fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
+    args = (tf.constant(meta_tasks.flatten(w), tf.float32),) + _tensors(task)
+    hlo = fn.experimental_get_compiler_ir(*args)(stage="hlo")
+    assert "while" in hlo  # the whole unroll is one XLA computation with a loop
+    res = fn(*args)
+    assert all(np.all(np.abs(k.numpy()) == 1) for k in res.kernels)
+    assert 0 < float(res.flip_fraction) < 0.5
+    # a rule that never flips cannot train the binary kernels: worse on every count
+    frozen = kflip.bop_weights(1e6, 0.1, normalized=True, scale=1.0)
+    res0 = fn(tf.constant(meta_tasks.flatten(frozen), tf.float32), *args[1:])
+    assert float(res0.flip_fraction) == 0.0
+    for k0, k in zip(res0.kernels, task.kernels):
+        np.testing.assert_array_equal(k0.numpy(), k)
+    assert float(res.meta_loss) < float(res0.meta_loss) - 0.1
+    assert float(res.held_out_accuracy) > float(res0.held_out_accuracy) + 0.05
+
+
+@pytest.mark.skipif(not os.environ.get("KFLIP_SLOW_TESTS"), reason="set KFLIP_SLOW_TESTS=1 (XLA compile of the CNN)")
+def test_cnn_family_runs():
+    w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
+    ev = meta_tasks.Evaluator(1, w.beta, w.eps)
+    r = ev(meta_tasks.flatten(w), meta_tasks.make_task("cnn-8-8", "digits", 0, horizon=H))
+    assert np.isfinite(r["meta_loss"]) and r["flip_fraction"] > 0
+
+
+# ---- flat vectors, masks, ES maths --------------------------------------------------
+def test_flatten_roundtrip_and_cell_from_vector():
+    w = kflip.bop_weights(0.1, 1e-3, normalized=True, scale=1.0, hidden_size=2)
+    vec = meta_tasks.flatten(w)
+    assert vec.shape == (meta_tasks.num_params(2),)
+    back = meta_tasks.unflatten(vec, 2, like=w)
+    for name in ("kernel", "recurrent", "bias", "out_kernel"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(w, name))
+    assert back.out_bias == pytest.approx(w.out_bias)
+    cell = meta_tasks.cell_from_vector(tf.constant(vec, tf.float32), 2)
+    ref = cell_lib.CellTensors.from_weights(w)
+    for a, b in zip(cell, ref):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    with pytest.raises(ValueError, match="vec"):
+        meta_tasks.unflatten(vec[:-1], 2)
+
+
+def test_es_gradient_points_along_true_gradient():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(10)
+    x = np.zeros(10)
+    f = lambda v: float(np.sum((v - a) ** 2))  # noqa: E731
+    eps = rng.standard_normal((200, 10))
+    sigma = 0.1
+    g = meta.es_gradient([f(x + sigma * e) for e in eps], [f(x - sigma * e) for e in eps], eps, sigma)
+    true = 2 * (x - a)
+    cos = g @ true / np.linalg.norm(g) / np.linalg.norm(true)
+    assert cos > 0.9
+
+
+def test_centered_ranks():
+    r = meta.centered_ranks([3.0, -1.0, 10.0, 0.0])
+    np.testing.assert_allclose(r, [1 / 6, -0.5, 0.5, -1 / 6])
+
+
+def test_mask_freezes_raw_feature_and_scales():
+    cfg = meta.MetaConfig(hidden_size=1)
+    mask = meta.trainable_mask(cfg)
+    assert mask.shape == (meta_tasks.num_params(1),)
+    np.testing.assert_array_equal(mask[:4], 0)  # kernel row of theta_grad
+    assert mask[4:].all()
+    assert meta.trainable_mask(meta.MetaConfig(train_raw_feature=True)).all()
+    s = meta.coordinate_scales(np.array([0.0, -2.0, 0.01]))
+    np.testing.assert_allclose(s, [1.0, 2.0, 0.01])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(pairs=0), "pairs"),
+        (dict(sigma=-1.0), "sigma"),
+        (dict(families=("nope",)), "families"),
+        (dict(family_weights=(1.0, 2.0)), "family_weights"),
+        (dict(datasets=("mnist",)), "datasets"),
+        (dict(init="no/such/file"), "init"),
+        (dict(init_gamma=1.5), "init_gamma"),
+        (dict(horizon=0), "horizon"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        meta.MetaConfig(**kwargs)
+
+
+def test_bad_arguments_raise_value_error(tmp_path):
+    with pytest.raises(ValueError, match="horizon"):
+        meta_tasks.make_task("mlp-32", "digits", 0, horizon=0)
+    with pytest.raises(ValueError, match="dataset"):
+        meta_tasks.make_task("mlp-32", "mnist", 0, horizon=1)
+    with pytest.raises(ValueError, match="resume"):
+        meta.meta_train(meta.MetaConfig(**TINY), resume=True, workers=1)
+    with pytest.raises(ValueError, match="workers"):
+        meta.meta_train(meta.MetaConfig(**TINY), workers=0)
+
+
+def test_tasks_never_overlap_validation():
+    cfg = meta.MetaConfig()
+    val = {k[2] for k in meta.validation_tasks(cfg)}
+    train = {k[2] for it in range(20) for k in meta.iteration_draws(cfg, it, 5)[1]}
+    assert val and train and not (val & train)
+
+
+# ---- meta-training: determinism, resume, output ---------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("meta")
+    w = meta.meta_train(meta.MetaConfig(**TINY), out=str(d / "w.npz"), log=str(d / "log.jsonl"), workers=1)
+    return d, w
+
+
+def test_meta_train_is_deterministic(tiny_run):
+    _, w1 = tiny_run
+    w2 = meta.meta_train(meta.MetaConfig(**TINY), workers=1)
+    np.testing.assert_allclose(meta_tasks.flatten(w1), meta_tasks.flatten(w2), atol=1e-6)
+    assert w1.metadata["meta_loss_curve"] == w2.metadata["meta_loss_curve"]
+
+
+def test_meta_train_output_log_and_flip_lstm_loads_it(tiny_run):
+    d, w = tiny_run
+    m = json.loads((d / "w.json").read_text())
+    for key in ("config", "seed", "data", "meta_training_time_s", "meta_loss_curve", "kflip_version"):
+        assert key in m
+    assert m["kflip_version"] == kflip.__version__
+    assert len(m["meta_loss_curve"]) == TINY["iterations"]
+    assert "mnist" not in json.dumps(m["data"]["datasets"]).lower()
+    lines = [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 2]
+    # the output is the best validated mean (iteration 0 = init included)
+    assert m["best_val_meta_loss"] == min(e["val_meta_loss"] for e in m["val_curve"])
+    # the raw-gradient kernel row stayed frozen at the init's values
+    init = meta.initial_weights(meta.MetaConfig(**TINY))
+    np.testing.assert_array_equal(w.kernel[0], init.kernel[0])
+    opt = kflip.FlipLSTM(weights=str(d / "w.npz"))
+    np.testing.assert_allclose(opt.lstm_weights.kernel, w.kernel)
+
+
+def test_resume_continues_exactly(tiny_run, tmp_path):
+    _, full = tiny_run
+    ckpt = str(tmp_path / "ckpt.json")
+    cfg1 = meta.MetaConfig(**dict(TINY, iterations=1))
+    meta.meta_train(cfg1, checkpoint=ckpt, checkpoint_every=1, workers=1)
+    with pytest.raises(ValueError, match="different config"):
+        meta.meta_train(meta.MetaConfig(**dict(TINY, sigma=0.3)), checkpoint=ckpt, resume=True, workers=1)
+    resumed = meta.meta_train(meta.MetaConfig(**TINY), checkpoint=ckpt, resume=True, workers=1)
+    np.testing.assert_allclose(meta_tasks.flatten(resumed), meta_tasks.flatten(full), atol=1e-6)
+    assert resumed.metadata["val_curve"] == full.metadata["val_curve"]
+
+
+@pytest.mark.skipif(not os.environ.get("KFLIP_SLOW_TESTS"), reason="set KFLIP_SLOW_TESTS=1 (spawns 2 TF processes)")
+def test_cli_two_workers_match_in_process(tiny_run, tmp_path):
+    """A pool of 2 worker processes gives exactly the in-process result."""
+    _, w_inproc = tiny_run
+    parser = meta.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "cli.npz"
+    args = parser.parse_args(
+        ["--out", str(out), "--iterations", "2", "--pairs", "2", "--horizon", "40",
+         "--families", "mlp-32", "--family-weights", "1", "--datasets", "digits,teacher",
+         "--val-tasks", "2", "--eval-every", "1", "--seed", "3", "--workers", "2", "--quiet"]
+    )
+    assert meta.run(args) == 0
+    w = kflip.LSTMWeights.load(str(out))
+    np.testing.assert_allclose(meta_tasks.flatten(w), meta_tasks.flatten(w_inproc), atol=1e-6)
+    assert os.path.exists(str(tmp_path / "cli.log.jsonl"))
+    assert os.path.exists(str(tmp_path / "cli.ckpt.json"))
+
+
+def test_cli_add_arguments_and_run(tiny_run, tmp_path):
+    """`kflip meta-train` = add_arguments + run: same result as the Python API."""
+    _, w_api = tiny_run
+    parser = meta.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "cli.npz"
+    args = parser.parse_args(
+        ["--out", str(out), "--iterations", "2", "--pairs", "2", "--horizon", str(H),
+         "--families", "mlp-32", "--family-weights", "1", "--datasets", "digits,teacher",
+         "--val-tasks", "2", "--eval-every", "1", "--seed", "3", "--workers", "1", "--quiet"]
+    )
+    assert meta.run(args) == 0
+    w = kflip.LSTMWeights.load(str(out))
+    np.testing.assert_allclose(meta_tasks.flatten(w), meta_tasks.flatten(w_api), atol=1e-6)
+    lines = (tmp_path / "cli.log.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    assert json.loads((tmp_path / "cli.ckpt.json").read_text())["iteration"] == 2
