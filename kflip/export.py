@@ -157,44 +157,46 @@ def _substituted(kernels, tensors):
 
 
 class ServingModule(tf.Module):
-    """What :func:`export` saves: packed (or float) kernels + the model's float state."""
+    """What :func:`export` saves: the serving function and the model's float state.
+
+    The binary kernels are constants of the serving graph: ``uint8`` words (packed)
+    or float32 (``packed=False``). Constants rather than variables so that TF's graph
+    optimizer (Grappler constant folding) unpacks them once, when the loaded function
+    is first run, instead of on every call (it folds tensors up to 10 MiB; a larger
+    kernel is unpacked per call, which is still correct).
+    """
 
     def __init__(self, model, kernels, packed: bool):
         super().__init__(name="kflip_export")
         self.packed = packed
         self.kernel_shapes = [list(k.values.shape) for k in kernels]
-        if packed:
-            self.kernels = [
-                tf.Variable(pack_pm1(k.values), trainable=False, name=f"packed_{i}")
-                for i, k in enumerate(kernels)
-            ]
-        else:
-            self.kernels = [
-                tf.Variable(k.values, trainable=False, name=f"kernel_{i}")
-                for i, k in enumerate(kernels)
-            ]
         # The model's own variables (BatchNorm statistics, biases, float layers); the
         # model object itself is deliberately *not* an attribute, so neither it nor
         # its optimizer is saved.
         self.float_variables = _float_variables(model, kernels)
+        if packed:
+            self._stored = [pack_pm1(k.values).numpy() for k in kernels]
+        else:
+            self._stored = [k.values.astype(np.float32) for k in kernels]
 
-    def _kernel_tensors(self):
-        if self.packed:
-            return [
-                unpack_pm1(p, s)
-                for p, s in zip(self.kernels, self.kernel_shapes)
-            ]
-        return [tf.convert_to_tensor(k) for k in self.kernels]
+    @property
+    def kernel_bytes(self) -> int:
+        return int(sum(a.nbytes for a in self._stored))
 
     def trace(self, model, kernels, input_spec: tf.TensorSpec):
         """Trace ``model``'s inference call with kernels substituted; returns the
         concrete serving function (also kept as ``self.serve``)."""
+        stored, shapes, packed = list(self._stored), list(self.kernel_shapes), self.packed
 
         @tf.function(input_signature=[input_spec])
-        def serve(x):
-            tensors = [tf.cast(t, k.variable.dtype) for t, k in zip(self._kernel_tensors(), kernels)]
+        def serve(inputs):
+            tensors = []
+            for i, (a, shape, k) in enumerate(zip(stored, shapes, kernels)):
+                c = tf.constant(a, name=f"binary_kernel_{i}")
+                t = unpack_pm1(c, shape) if packed else c
+                tensors.append(tf.cast(t, k.variable.dtype))
             with _substituted(kernels, tensors):
-                y = model(x, training=False)
+                y = model(inputs, training=False)
             return {"output_0": y} if not isinstance(y, dict) else y
 
         self.serve = serve
@@ -302,9 +304,7 @@ def export(
         "saved_model_bytes": _dir_bytes(path),
         "binary_variables": len(kernels),
         "binary_weights": n_weights,
-        "binary_kernel_bytes": int(
-            sum(int(v.shape.num_elements()) * v.dtype.size for v in module.kernels)
-        ),
+        "binary_kernel_bytes": module.kernel_bytes,
         "binary_kernel_bytes_float32": 4 * n_weights,
         "float_variables": len(module.float_variables),
     }
