@@ -16,6 +16,7 @@ from kflip.binary import (  # noqa: E402
     snap_binary_weights,
 )
 from kflip.callbacks import FlipRate  # noqa: E402
+from kflip.greedy import GreedyFlip, greedy_flip  # noqa: E402
 from kflip.cell import LSTMWeights, bop_weights  # noqa: E402
 from kflip.optimizer import FlipLSTM  # noqa: E402
 from kflip import export  # noqa: E402  (callable module: kflip.export(model, path))
@@ -23,11 +24,13 @@ from kflip import export  # noqa: E402  (callable module: kflip.export(model, pa
 __all__ = [
     "FlipLSTM",
     "FlipRate",
+    "GreedyFlip",
     "LSTMWeights",
     "__version__",
     "assert_binary",
     "binary_variables",
     "bop_weights",
+    "greedy_flip",
     "export",
     "is_binary_variable",
     "snap_binary_weights",

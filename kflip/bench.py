@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -523,6 +524,10 @@ def _run(
     return result, net
 
 
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
+
+
 def _write_json(obj, path: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -587,6 +592,11 @@ def train(
       The run's result dict (also written to ``history.json``), and the model if
       ``return_model``.
     """
+    if tensorboard_dir and not tensorboard_available():
+        raise ValueError(
+            "`tensorboard_dir` needs the tensorboard package, which is not installed "
+            "(pip install tensorboard)."
+        )
     ds = resolve_dataset(dataset, data_dir, download, n_train, n_test)
     epochs, model_options = _defaults_for(ds, epochs, model, model_options)
     if greedy and greedy_module() is None:

@@ -287,6 +287,7 @@ def _cmd_bench(args, argv) -> int:
         timing_steps=args.timing_steps,
         timing_rounds=args.timing_rounds,
         command=" ".join(["kflip"] + list(argv)),
+        print_fn=lambda line: print(line, flush=True),
         **_common_kwargs(args),
     )
     return 0

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -406,15 +407,24 @@ def load_model(model_path):
 
 
 def run(args) -> int:
-    """Run ``kflip export`` with parsed ``args``; prints the JSON report, returns 0."""
-    model = load_model(args.model_path)
-    report = export(
-        model,
-        args.out_dir,
-        packed=getattr(args, "pack", True),
-        tflite=getattr(args, "tflite", False),
-        overwrite=getattr(args, "overwrite", False),
-    )
+    """Run ``kflip export`` with parsed ``args``.
+
+    Prints the JSON report and returns 0; on bad input (missing or unloadable
+    MODEL_PATH, bad OUT_DIR, a model without binary weights, LCE missing for
+    ``--tflite``) prints ``kflip export: error: ...`` to stderr and returns 2.
+    """
+    try:
+        model = load_model(args.model_path)
+        report = export(
+            model,
+            args.out_dir,
+            packed=getattr(args, "pack", True),
+            tflite=getattr(args, "tflite", False),
+            overwrite=getattr(args, "overwrite", False),
+        )
+    except (ValueError, ImportError) as e:
+        print(f"kflip export: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0
 
@@ -436,6 +446,4 @@ class _CallableModule(type(os)):
         return export(*args, **kwargs)
 
 
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
+sys.modules[__name__].__class__ = _CallableModule

@@ -333,6 +333,13 @@ def _layer_ops(layer) -> list:
             raise ValueError(
                 f"`model`: layer {layer.name!r}: only channels_last, groups=1 Conv2D is supported."
             )
+    if kind == "dense":
+        try:
+            rank = len(layer.input_shape)
+        except (AttributeError, RuntimeError):
+            rank = 2
+        if rank != 2:
+            raise ValueError(f"`model`: Dense layer {layer.name!r} needs a 2D input (add a Flatten).")
     if kind is not None:
         iq = getattr(layer, "input_quantizer", None)
         if iq is not None:
@@ -508,10 +515,10 @@ class _LayerSearch:
         self._post_flatten = post_flatten
         self.pairs_per_block = int(pairs_per_block)
         self._eval_fns = {}
+        self._cap = {}
         self._update = tf.function(self._update_impl, jit_compile=True, autograph=False)
         self._init = tf.function(self._init_impl, jit_compile=True, autograph=False)
         self._grad = tf.function(self._grad_impl, jit_compile=True, autograph=False)
-        self._prefix = tf.function(lambda t: net.forward(t, 0, p), jit_compile=True, autograph=False)
 
     # ---- helpers -----------------------------------------------------------------
     def _P(self, X):
@@ -556,7 +563,8 @@ class _LayerSearch:
         return logits
 
     # ---- kernels -----------------------------------------------------------------
-    def _init_impl(self, X, Wm):
+    def _init_impl(self, x, Wm):
+        X = self.net.forward(x, 0, self.p)  # prefix, incl. the layer's input quantizer
         P = self._P(X)
         Z = tf.tensordot(P, Wm, [[P.shape.rank - 1], [0]])
         c = int(Wm.shape[1])
@@ -567,7 +575,7 @@ class _LayerSearch:
             Zn = self.next.full(tf.reshape(A, [self.n, -1]) if self.flat else A)
             logits = self._rest_loss(Zn)
         L = self.net.per_example_loss(logits, self.y)
-        return P, Z, A, Zn, L
+        return X, P, Z, A, Zn, L
 
     def _grad_impl(self, X, Wm):
         with tf.GradientTape() as tape:
@@ -602,9 +610,21 @@ class _LayerSearch:
         L64 = tf.cast(L, tf.float64)
         if self.next is None:
             C = int(A.shape[-1])
-            onehot = tf.one_hot(cc, C, on_value=True, off_value=False)[:, None, :]
-            logits = tf.where(onehot, ac_new[..., None], A[None])  # (B, N, C)
-            lnew = self.net.per_example_loss(logits, tf.broadcast_to(self.y[None], [b, self.n]))
+            if self.net.loss_fn is None and self.net.from_logits:
+                # closed form: one logit column changes; lse' = logaddexp(lse without c, l')
+                eye = tf.eye(C, dtype=tf.bool)
+                masked = tf.where(eye[None], tf.constant(-np.inf, A.dtype), A[:, None, :])
+                lse_wo = tf.gather(tf.reduce_logsumexp(masked, axis=-1), cc, axis=1)  # (N, B)
+                lse_wo = tf.transpose(lse_wo)  # (B, N)
+                hi = tf.maximum(lse_wo, ac_new)
+                lse = hi + tf.math.log1p(tf.exp(-tf.abs(lse_wo - ac_new)))
+                ly = tf.gather(A, self.y, axis=1, batch_dims=1)  # (N,)
+                is_y = tf.equal(tf.cast(self.y, tf.int32)[None], cc[:, None])
+                lnew = lse - tf.where(is_y, ac_new, ly[None])
+            else:
+                onehot = tf.one_hot(cc, C, on_value=True, off_value=False)[:, None, :]
+                logits = tf.where(onehot, ac_new[..., None], A[None])  # (B, N, C)
+                lnew = self.net.per_example_loss(logits, tf.broadcast_to(self.y[None], [b, self.n]))
             delta = tf.where(changed, tf.cast(lnew, tf.float64) - L64[None], tf.zeros_like(L64[None]))
             return tf.reduce_sum(delta, axis=1), naff, tf.constant(0, tf.int32)
         flat = tf.reshape(changed, [-1])
@@ -650,13 +670,8 @@ class _LayerSearch:
     # ---- driver-facing API -------------------------------------------------------
     def start(self, Wm):
         """Compute the caches for the current kernel (flat (F, C) tensor)."""
-        X = self._prefix(self.x)
-        self.X = X
-        if self.lin.kind == "dense" and X.shape.rank != 2:
-            raise ValueError(f"`model`: Dense layer {self.lin.name!r} needs a Flatten before it.")
-        self.a_shape = None
-        self.P, self.Z, self.A, self.Zn, self.L = self._init(X, Wm)
-        self.a_shape = self.A.shape
+        self.X, self.P, self.Z, self.A, self.Zn, self.L = self._init(self.x, Wm)
+        X = self.X
         if self.A.shape.rank > 2 and (self._post_flatten or (
                 self.next is not None and self.next.kind == "dense" and not self.flat)):
             raise ValueError(
@@ -671,29 +686,55 @@ class _LayerSearch:
     def loss_sum(self):
         return float(_sum64(self.L))
 
-    def eval_fn(self, b, g):
-        key = (b, g)
+    def _capacities(self, b):
+        """Compiled pair capacities for block size b: n * 4**k, up to the cap."""
+        top = min(b * self.n, max(self.n, self.pairs_per_block))
+        if top <= 8192:  # small problems: one compiled size
+            return [top]
+        caps, c = [], self.n
+        while c < top:
+            caps.append(c)
+            c *= 4
+        return caps + [top]
+
+    def eval_fn(self, b, g, capacity):
+        key = (b, g, capacity)
         if key not in self._eval_fns:
-            capacity = min(b * self.n, max(self.n, self.pairs_per_block))
-            self._eval_fns[key] = (
-                tf.function(
-                    lambda P, Z, A, Zn, L, Wm, cc, ff, mm: self._eval_impl(
-                        P, Z, A, Zn, L, Wm, cc, ff, mm, capacity
-                    ),
-                    jit_compile=True,
-                    autograph=False,
+            self._eval_fns[key] = tf.function(
+                lambda P, Z, A, Zn, L, Wm, cc, ff, mm: self._eval_impl(
+                    P, Z, A, Zn, L, Wm, cc, ff, mm, capacity
                 ),
-                capacity,
+                jit_compile=True,
+                autograph=False,
             )
         return self._eval_fns[key]
 
     def evaluate(self, cc, ff, mm):
-        """Loss-sum deltas (float64) and changed-example counts for a block; None on overflow."""
-        fn, capacity = self.eval_fn(int(cc.shape[0]), int(ff.shape[1]))
-        delta, naff, count = fn(self.P, self.Z, self.A, self.Zn, self.L, self.Wm, cc, ff, mm)
-        if self.next is not None and int(count) > capacity:
-            return None
-        return delta.numpy(), naff.numpy()
+        """Loss-sum deltas (float64) and changed-example counts for a block.
+
+        Returns None if more (candidate, example) pairs change than ``pairs_per_block``
+        allows (the caller splits the block). The pair capacity adapts to the counts
+        seen (a few compiled sizes, n * 4**k).
+        """
+        b, g = int(cc.shape[0]), int(ff.shape[1])
+        caps = self._capacities(b) if self.next is not None else [0]
+        cap = self._cap.get(b, caps[-1]) if self.next is not None else 0
+        while True:
+            fn = self.eval_fn(b, g, cap)
+            delta, naff, count = fn(self.P, self.Z, self.A, self.Zn, self.L, self.Wm, cc, ff, mm)
+            if self.next is None:
+                return delta.numpy(), naff.numpy()
+            count = int(count)
+            if count > cap:
+                bigger = [c for c in caps if c >= count]
+                if not bigger:
+                    self._cap[b] = caps[-1]
+                    return None
+                cap = bigger[0]
+                continue
+            # next time: the smallest capacity with 2x headroom over this block's count
+            self._cap[b] = next((c for c in caps if c >= 2 * count), caps[-1])
+            return delta.numpy(), naff.numpy()
 
     def apply(self, c, ff, mm):
         """New state tensors after flipping (c, ff[mm>0]); does not commit them."""
@@ -1059,7 +1100,7 @@ def _search_layer(net, p, xp, yp, pass_index, order, group_size, exhaustive, max
                 if best < thr:
                     accept(int(cc[j]), f, _masks(g, best_mask, 1)[0] * valid)
         else:
-            ladder = sorted({min(8, bmax), min(64, bmax), bmax})  # compiled block sizes
+            ladder = sorted({min(8, bmax), bmax} | ({64} if bmax >= 256 else set()))  # compiled sizes
             pos, b = 0, ladder[min(1, len(ladder) - 1)]
             while pos < limit:
                 if out_of_time():

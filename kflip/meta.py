@@ -80,6 +80,7 @@ class MetaConfig:
         by ~10% and its momentum time constant by a factor ~e^0.7.
       learning_rate: Adam step size on ``z``.
       horizon: inner training steps per task (batch 64).
+      train_examples: training-set size of every task (held-out: 512).
       hidden_size: LSTM hidden size (state per binary weight: ``8 * hidden_size`` B).
       families: architecture families to sample (:data:`kflip.meta_tasks.FAMILIES`).
       family_weights: sampling probabilities of ``families`` (normalised).
@@ -100,6 +101,7 @@ class MetaConfig:
     sigma: float = 0.1
     learning_rate: float = 0.03
     horizon: int = 3000
+    train_examples: int = 1024
     hidden_size: int = 1
     families: tuple = ("mlp-32", "mlp-128", "mlp-64-64")
     family_weights: tuple = (1.0, 1.0, 1.0)
@@ -118,8 +120,10 @@ class MetaConfig:
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"`{name}` must be a positive int, got {v!r}.")
 
-        for name in ("iterations", "pairs", "horizon", "hidden_size", "val_tasks", "eval_every"):
+        for name in ("iterations", "pairs", "horizon", "train_examples", "hidden_size", "val_tasks", "eval_every"):
             pos_int(name)
+        if self.train_examples < meta_tasks.BATCH_SIZE:
+            raise ValueError(f"`train_examples` must be >= {meta_tasks.BATCH_SIZE}, got {self.train_examples}.")
         for name in ("sigma", "learning_rate"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
@@ -269,13 +273,13 @@ def _init_worker(hidden_size, beta, eps, threads=1):
 
 
 def _evaluate(job):
-    vec, key, horizon = job
+    vec, key, horizon, n_train = job
     cache = _WORKER["tasks"]
-    task = cache.get((key, horizon))
+    task = cache.get((key, horizon, n_train))
     if task is None:
         if len(cache) > 64:
             cache.clear()
-        task = cache[(key, horizon)] = meta_tasks.make_task(*key, horizon)
+        task = cache[(key, horizon, n_train)] = meta_tasks.make_task(*key, horizon, n_train)
     return _WORKER["evaluator"](vec, task)
 
 
@@ -411,7 +415,7 @@ def meta_train(
 
     def validate(it):
         x = to_x(z)
-        res = runner.map([(x.astype(np.float32), k, config.horizon) for k in val_keys])
+        res = runner.map([(x.astype(np.float32), k, config.horizon, config.train_examples) for k in val_keys])
         loss = float(np.mean([r["meta_loss"] for r in res]))
         acc = float(np.mean([r["held_out_accuracy"] for r in res]))
         flips = float(np.mean([r["flip_fraction"] for r in res]))
@@ -440,7 +444,8 @@ def meta_train(
             jobs = []
             for i, key in enumerate(keys):
                 for sgn in (1.0, -1.0):
-                    jobs.append((to_x(z + sgn * config.sigma * eps[i]).astype(np.float32), key, config.horizon))
+                    jobs.append((to_x(z + sgn * config.sigma * eps[i]).astype(np.float32), key,
+                                 config.horizon, config.train_examples))
             res = runner.map(jobs)
             lp = np.array([r["meta_loss"] for r in res[0::2]])
             lm = np.array([r["meta_loss"] for r in res[1::2]])
@@ -534,6 +539,95 @@ def _truncate_log(path, iteration):
         fh.writelines(keep)
 
 
+# ---- looking at a rule ---------------------------------------------------------------
+def decision_map(weights: cell_lib.LSTMWeights, features, cells):
+    """LSTM output ``y`` for one step from state ``(h, c)``, over a grid.
+
+    ``features``: values of the normalised feature ``theta * g / rms(g)`` (the raw
+    feature is set to the same value, i.e. ``rms(g) = 1``); ``cells``: previous cell
+    state ``c`` (for hidden size 1; extra units start at 0), with ``h = o * tanh(c)``
+    taken at the saturated output gate. Returns ``y`` of shape
+    ``[len(cells), len(features)]``; the weight flips where ``y < 0``.
+    """
+    import tensorflow as tf
+
+    f = np.asarray(features, np.float32)
+    cs = np.asarray(cells, np.float32)
+    X, C = np.meshgrid(f, cs)
+    cell = cell_lib.CellTensors.from_weights(weights)
+    hdim = weights.hidden_size
+    c = np.zeros(X.shape + (hdim,), np.float32)
+    c[..., 0] = C
+    o = 1.0 / (1.0 + np.exp(-weights.bias[3 * hdim]))
+    h = (o * np.tanh(c)).astype(np.float32)
+    y, _, _ = cell_lib.lstm_cell(cell, [tf.constant(X), tf.constant(X)], tf.constant(h), tf.constant(c))
+    return y.numpy()
+
+
+def flip_probability(weights: cell_lib.LSTMWeights, means, steps: int = 1000, trials: int = 2000, seed: int = 0):
+    """Probability that a weight flips at least once within ``steps`` steps.
+
+    Gradients are i.i.d. ``N(mean, 1)`` per step in a fixed frame, the weight starts
+    at +1 (so ``mean > 0`` means flipping lowers the loss), and the rule runs exactly
+    as in FlipLSTM (:func:`kflip.cell.flip_step`, per-tensor normalisation over the
+    ``trials`` coordinates). Returns an array like ``means``.
+    """
+    import tensorflow as tf
+
+    cell = cell_lib.CellTensors.from_weights(weights)
+    hdim = weights.hidden_size
+
+    @tf.function(jit_compile=True)
+    def run(mu, noise):
+        def body(t, theta, h, c, v, flipped):
+            g = mu + noise[t]
+            r = cell_lib.flip_step(cell, theta, g, h, c, v, tf.cast(t + 1, tf.float32),
+                                   beta=weights.beta, eps=weights.eps)
+            return t + 1, theta * r.sign, r.h, r.c, r.v, tf.logical_or(flipped, r.sign < 0)
+
+        init = (tf.constant(0), tf.ones([trials]), tf.zeros([trials, hdim]),
+                tf.zeros([trials, hdim]), tf.zeros([]), tf.zeros([trials], tf.bool))
+        out = tf.while_loop(lambda t, *_: t < steps, body, init)
+        return tf.reduce_mean(tf.cast(out[-1], tf.float32))
+
+    rng = np.random.default_rng(seed)
+    noise = tf.constant(rng.standard_normal((steps, trials)).astype(np.float32))
+    return np.array([float(run(tf.constant(mu, tf.float32), noise)) for mu in np.asarray(means)])
+
+
+def plot_rule(rules: dict, path: str, steps: int = 1000, trials: int = 1000) -> None:
+    """Figure: decision maps (flip where ``y < 0``) and flip probability vs gradient
+    mean, one column per named rule in ``rules`` (name -> LSTMWeights)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    feats = np.linspace(-4, 4, 161)
+    cells = np.linspace(-0.5, 0.5, 161)
+    means = np.linspace(-0.3, 0.3, 25)
+    n = len(rules)
+    fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 3.8))
+    for ax, (name, w) in zip(axes, rules.items()):
+        y = decision_map(w, feats, cells)
+        ax.contourf(feats, cells, (y < 0).astype(float), levels=[-0.5, 0.5, 1.5], colors=["#dde8f5", "#d9534f"])
+        ax.contour(feats, cells, y, levels=[0.0], colors="k", linewidths=1)
+        ax.set_xlabel("theta * g / rms(g)  (this step)")
+        ax.set_ylabel("cell state c (previous step)")
+        ax.set_title(f"{name}: flip region (red)")
+    ax = axes[-1]
+    for name, w in rules.items():
+        ax.plot(means, flip_probability(w, means, steps=steps, trials=trials), marker=".", label=name)
+    ax.set_xlabel("mean of theta0 * g (gradient std 1)")
+    ax.set_ylabel(f"P(flip within {steps} steps)")
+    ax.set_title("flip probability under noisy gradients")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---- CLI ---------------------------------------------------------------------------
 def _csv(kind):
     def parse(s):
@@ -562,6 +656,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=d.sigma)
     p.add_argument("--lr", type=float, default=d.learning_rate, help="Adam step on the LSTM weights")
     p.add_argument("--horizon", type=int, default=d.horizon, help="inner training steps per task")
+    p.add_argument("--train-examples", type=int, default=d.train_examples, help="training-set size per task")
     p.add_argument("--hidden-size", type=int, default=d.hidden_size)
     p.add_argument("--families", type=_csv(str), default=d.families,
                    help=f"comma list of {sorted(meta_tasks.FAMILIES)}")
@@ -585,6 +680,7 @@ def config_from_args(args) -> MetaConfig:
         sigma=args.sigma,
         learning_rate=args.lr,
         horizon=args.horizon,
+        train_examples=args.train_examples,
         hidden_size=args.hidden_size,
         families=args.families,
         family_weights=args.family_weights,

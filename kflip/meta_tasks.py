@@ -114,14 +114,31 @@ def _check_choice(name, value, choices):
         raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}.")
 
 
-def make_task(family: str, dataset: str, seed: int, horizon: int) -> Task:
-    """Build task ``(family, dataset, seed)`` deterministically (numpy only)."""
+def _augment(x, rng):
+    """Random +-1 pixel shifts (zero fill) and Gaussian noise (std 0.2) on 8x8 digits."""
+    img = x.reshape(-1, 8, 8)
+    pad = np.pad(img, ((0, 0), (1, 1), (1, 1)), constant_values=-1.0)
+    dy, dx = rng.randint(0, 3, size=(2, len(x)))
+    out = np.stack([pad[i, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i in range(len(x))])
+    out = out.reshape(len(x), -1) + 0.2 * rng.randn(len(x), N_FEATURES)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
+def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int = N_TRAIN) -> Task:
+    """Build task ``(family, dataset, seed)`` deterministically (numpy only).
+
+    ``n_train`` training examples (the held-out set is always 512). Digits has 1,797
+    images: beyond 1,285 training images the training set is resampled with random
+    shifts and noise (:func:`_augment`); teacher tasks just draw more inputs.
+    """
     _check_choice("family", family, FAMILIES)
     _check_choice("dataset", dataset, DATASETS)
     if not isinstance(horizon, int) or horizon < 1:
         raise ValueError(f"`horizon` must be a positive int, got {horizon!r}.")
+    if not isinstance(n_train, int) or n_train < BATCH_SIZE:
+        raise ValueError(f"`n_train` must be an int >= {BATCH_SIZE}, got {n_train!r}.")
     rng = np.random.RandomState(seed % (2**32))
-    n = N_TRAIN + N_HELD_OUT
+    n = n_train + N_HELD_OUT
     if dataset == "teacher":
         x = rng.randn(n, N_FEATURES).astype(np.float32)
         w1 = np.sign(rng.randn(N_FEATURES, 32))
@@ -131,8 +148,15 @@ def make_task(family: str, dataset: str, seed: int, horizon: int) -> Task:
         x = np.clip(x / 2.0, -1.0, 1.0)  # same range as the image datasets
     else:
         xd, yd = _digits()
-        idx = rng.permutation(len(xd))[:n]
-        x, y = xd[idx], yd[idx]
+        if n <= len(xd):
+            idx = rng.permutation(len(xd))[:n]
+            x, y = xd[idx], yd[idx]
+        else:  # held-out: distinct real images; training: augmented resamples of the rest
+            perm = rng.permutation(len(xd))
+            held, rest = perm[:N_HELD_OUT], perm[N_HELD_OUT:]
+            pick = rest[rng.randint(0, len(rest), size=n_train)]
+            x = np.concatenate([_augment(xd[pick], rng), xd[held]])
+            y = np.concatenate([yd[pick], yd[held]])
         if dataset == "digits-proj":
             q, _ = np.linalg.qr(rng.randn(N_FEATURES, N_FEATURES))
             x = np.clip(x @ q.astype(np.float32), -1.0, 1.0)
@@ -144,17 +168,17 @@ def make_task(family: str, dataset: str, seed: int, horizon: int) -> Task:
         np.where(rng.rand(*s) < 0.5, -1.0, 1.0).astype(np.float32)
         for s in FAMILIES[family].kernel_shapes()
     )
-    epochs = math.ceil(horizon * BATCH_SIZE / N_TRAIN)
-    order = np.concatenate([rng.permutation(N_TRAIN) for _ in range(epochs)])
+    epochs = math.ceil(horizon * BATCH_SIZE / n_train)
+    order = np.concatenate([rng.permutation(n_train) for _ in range(epochs)])
     batches = order[: horizon * BATCH_SIZE].reshape(horizon, BATCH_SIZE).astype(np.int32)
     return Task(
         family,
         dataset,
         int(seed),
-        x[:N_TRAIN].astype(np.float32),
-        y[:N_TRAIN].astype(np.int32),
-        x[N_TRAIN:].astype(np.float32),
-        y[N_TRAIN:].astype(np.int32),
+        x[:n_train].astype(np.float32),
+        y[:n_train].astype(np.int32),
+        x[n_train:].astype(np.float32),
+        y[n_train:].astype(np.int32),
         kernels,
         batches,
     )

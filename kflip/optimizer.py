@@ -16,6 +16,9 @@ from kflip.binary import is_binary_variable  # noqa: E402
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
 _OUTPUTS = ("flip", "gradient")
+_COUNTER_BASE = 2.0**20
+# Slots whose shape is not the variable's (checkpoint restore must be told).
+_SLOT_SHAPES = {"v": [], "flips": [2]}
 
 
 def _var_key(var):
@@ -37,7 +40,10 @@ def _float_optimizer(identifier):
     if isinstance(identifier, Optimizer):
         return identifier
     if isinstance(identifier, (str, dict)):
-        opt = tf.keras.optimizers.get(identifier, use_legacy_optimizer=True)
+        try:
+            opt = tf.keras.optimizers.get(identifier, use_legacy_optimizer=True)
+        except ValueError as e:
+            raise ValueError(f"`float_optimizer`: {e}") from e
         if isinstance(opt, Optimizer):
             return opt
     raise ValueError(
@@ -146,11 +152,24 @@ class FlipLSTM(Optimizer):
         """Optimizer-state bytes per binary weight (the LSTM ``h`` and ``c``)."""
         return cell_lib.state_bytes_per_weight(self.hidden_size)
 
+    def _state_slot_names(self):
+        hidden = range(self.hidden_size)
+        return [f"h{k}" for k in hidden] + [f"c{k}" for k in hidden]
+
+    def lstm_state(self, var):
+        """``(h, c)`` of binary variable ``var``, each of shape ``var.shape + [H]``."""
+        stack = lambda p: tf.stack(  # noqa: E731
+            [self.get_slot(var, f"{p}{k}") for k in range(self.hidden_size)], axis=-1
+        )
+        return stack("h"), stack("c")
+
     def flip_counts(self) -> dict:
         """Cumulative flips per binary variable name since training started."""
-        return {
-            self._binary_names[k]: int(c.numpy()) for k, c in self._flip_counters.items()
-        }
+        out = {}
+        for key, counter in self._flip_counters.items():
+            low, high = (int(x) for x in counter.numpy())
+            out[self._binary_names[key]] = high * int(_COUNTER_BASE) + low
+        return out
 
     def binary_sizes(self) -> dict:
         """Number of weights per binary variable name."""
@@ -178,7 +197,6 @@ class FlipLSTM(Optimizer):
         return super()._create_all_weights(binary)
 
     def _create_slots(self, var_list):
-        shape_h = lambda v: list(v.shape) + [self.hidden_size]  # noqa: E731
         for var in var_list:
             if self.output == "gradient" and isinstance(
                 getattr(var, "quantizer", None), lq.quantizers.NoOp
@@ -188,21 +206,29 @@ class FlipLSTM(Optimizer):
                     "has a NoOp quantizer, so the forward pass would see the latent "
                     "floats. Use a sign quantizer such as 'ste_sign' for this mode."
                 )
-            self.add_slot(var, "h", shape=shape_h(var))
-            self.add_slot(var, "c", shape=shape_h(var))
-            self.add_slot(var, "v", shape=[])
+            # One slot per hidden unit, each of the variable's shape: contiguous for
+            # XLA, and restorable by every Keras save path (they assume var shape).
+            for name in self._state_slot_names():
+                self.add_slot(var, name)
+            self.add_slot(var, "v", shape=_SLOT_SHAPES["v"])
             key = _var_key(var)
-            if key not in self._flip_counters:
-                self._flip_counters[key] = self.add_weight(
-                    f"{var._shared_name}/flips",
-                    shape=[],
-                    dtype=tf.int64,
-                    initializer="zeros",
-                    trainable=False,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
-                )
-                self._binary_names[key] = var.name
-                self._binary_sizes[var.name] = int(var.shape.num_elements())
+            # Cumulative flips as [low, high] float32 words (low < 2**20 carries into
+            # high), exact far beyond float32's 2**24, and a plain slot of the
+            # variable's dtype, so every Keras/TF save path restores it.
+            self._flip_counters[key] = self.add_slot(var, "flips", shape=_SLOT_SHAPES["flips"])
+            self._binary_names[key] = var.name
+            self._binary_sizes[var.name] = int(var.shape.num_elements())
+
+    def _create_or_restore_slot_variable(
+        self, slot_variable_position, slot_name, variable, slot_variable_shape=None
+    ):
+        # Some Keras load paths (SavedModel) assume every slot has the variable's
+        # shape; ours for the per-tensor moment and the flip counter do not.
+        if slot_name in _SLOT_SHAPES:
+            slot_variable_shape = tf.TensorShape(_SLOT_SHAPES[slot_name])
+        return super()._create_or_restore_slot_variable(
+            slot_variable_position, slot_name, variable, slot_variable_shape
+        )
 
     # ---- the update ---------------------------------------------------------------
     def apply_gradients(
@@ -244,8 +270,11 @@ class FlipLSTM(Optimizer):
         dtype = var.dtype.base_dtype
         if grad.dtype != dtype:
             grad = tf.cast(grad, dtype)
-        cell = cell_lib.CellTensors.from_weights(self.lstm_weights, dtype)
-        h, c, v = (self.get_slot(var, n) for n in ("h", "c", "v"))
+        cell = cell_lib.CellTensors.from_weights(self.lstm_weights, dtype, constant=True)
+        hidden = self.hidden_size
+        h = tf.stack([self.get_slot(var, f"h{k}") for k in range(hidden)], axis=-1)
+        c = tf.stack([self.get_slot(var, f"c{k}") for k in range(hidden)], axis=-1)
+        v = self.get_slot(var, "v")
         step = tf.cast(self.iterations + 1, dtype)
         lw = self.lstm_weights
         if self.output == "flip":
@@ -284,13 +313,17 @@ class FlipLSTM(Optimizer):
                 learning_rate=self._decayed("learning_rate", dtype),
                 clip=self.latent_clip,
             )
-        flips = tf.reduce_sum(tf.cast(out.sign < 0, tf.int64))
+        counter = self._flip_counters[_var_key(var)]
+        low = counter[0] + cell_lib.fast_sum(tf.cast(out.sign < 0, counter.dtype))
+        carry = tf.floor(low / _COUNTER_BASE)
+        new_counter = tf.stack([low - carry * _COUNTER_BASE, counter[1] + carry])
+        state = [self.get_slot(var, f"h{k}").assign(out.h[..., k]) for k in range(hidden)]
+        state += [self.get_slot(var, f"c{k}").assign(out.c[..., k]) for k in range(hidden)]
         return tf.group(
             var.assign(new_var),
-            h.assign(out.h),
-            c.assign(out.c),
+            *state,
             v.assign(out.v),
-            self._flip_counters[_var_key(var)].assign_add(flips),
+            counter.assign(new_counter),
         )
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):

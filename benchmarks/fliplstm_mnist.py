@@ -1,0 +1,156 @@
+"""FlipLSTM vs larq Bop vs Adam+STE on MNIST, side by side in one run.
+
+Measures, per optimizer and seed: test accuracy after each epoch, wall time,
+steady-state train-step time (XLA) and optimizer-state bytes per binary weight.
+Step times are measured in the same process, interleaved, so their ratio to Bop is
+fair even on a shared machine.
+
+    python benchmarks/fliplstm_mnist.py --data-dir ../shared/data --seeds 0 1 2 \
+        --epochs 6 --out benchmarks/results/fliplstm_mnist_mlp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import kflip  # noqa: E402
+import larq as lq  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from kflip import data, models  # noqa: E402
+
+
+def make_optimizer(name: str, args):
+    adam_floats = tf.keras.optimizers.legacy.Adam(0.01)
+    if name == "adam-ste":
+        return tf.keras.optimizers.legacy.Adam(1e-3)
+    if name == "bop":
+        return lq.optimizers.CaseOptimizer(
+            (lq.optimizers.Bop.is_binary_variable, lq.optimizers.Bop(threshold=1e-6, gamma=1e-3)),
+            default_optimizer=adam_floats,
+        )
+    if name == "fliplstm":
+        return kflip.FlipLSTM(args.lstm_weights, adam_floats)
+    if name == "fliplstm-gradient":
+        return kflip.FlipLSTM(args.lstm_weights, adam_floats, output="gradient",
+                              learning_rate=args.gradient_lr)
+    raise ValueError(name)
+
+
+def state_bytes(name: str, opt) -> float:
+    if name == "adam-ste":
+        return 8.0
+    if name == "bop":
+        return 4.0
+    return float(opt.state_bytes_per_weight)
+
+
+def build(model_name, ds, seed):
+    tf.keras.utils.set_random_seed(seed)
+    return models.build(model_name, ds.input_shape, ds.num_classes)
+
+
+def train_one(name, model_name, ds, seed, args):
+    model = build(model_name, ds, seed)
+    opt = make_optimizer(name, args)
+    model.compile(opt, "sparse_categorical_crossentropy", metrics=["accuracy"], jit_compile=True)
+    accs = []
+
+    class EvalEachEpoch(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            accs.append(float(model.evaluate(ds.x_test, ds.y_test, batch_size=1000, verbose=0)[1]))
+
+    callbacks = [EvalEachEpoch()]
+    if name.startswith("fliplstm"):
+        rate = kflip.FlipRate()
+        callbacks.insert(0, rate)
+    t0 = time.perf_counter()
+    hist = model.fit(ds.x_train, ds.y_train, batch_size=args.batch_size, epochs=args.epochs,
+                     verbose=0, callbacks=callbacks)
+    wall = time.perf_counter() - t0
+    row = {"optimizer": name, "seed": seed, "test_acc": accs, "final_test_acc": accs[-1],
+           "train_loss": hist.history["loss"], "wall_s": wall, "state_bytes_per_binary_weight": state_bytes(name, opt)}
+    if "flip_rate" in hist.history:
+        row["flip_rate"] = hist.history["flip_rate"]
+    if name.startswith("fliplstm"):
+        kflip.assert_binary(model) if name == "fliplstm" else None
+    return row
+
+
+def step_times(names, model_name, ds, args, repeats=5, steps=50):
+    """Median steady-state XLA train-step time per optimizer, interleaved."""
+    fns = {}
+    x = tf.constant(ds.x_train[: args.batch_size])
+    y = tf.constant(ds.y_train[: args.batch_size])
+    for name in names:
+        model = build(model_name, ds, 0)
+        model.compile(make_optimizer(name, args), "sparse_categorical_crossentropy", jit_compile=True)
+        model.train_on_batch(x, y)  # compile
+        fns[name] = model
+    times = {n: [] for n in names}
+    for _ in range(repeats):
+        for name, model in fns.items():
+            model.train_on_batch(x, y)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(x, y)
+            times[name].append((time.perf_counter() - t0) / steps)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="../shared/data")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    p.add_argument("--optimizers", nargs="+", default=["adam-ste", "bop", "fliplstm", "fliplstm-gradient"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lstm-weights", default=None)
+    p.add_argument("--gradient-lr", type=float, default=0.01)
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    ds = data.load(args.dataset, data_dir=args.data_dir)
+    result = {"command": "python benchmarks/fliplstm_mnist.py " + " ".join(argv or os.sys.argv[1:]),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "tensorflow": tf.__version__, "kflip": kflip.__version__},
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "lstm_weights": kflip.cell.load_weights(args.lstm_weights).metadata,
+              "runs": []}
+    if not args.skip_timing:
+        t = step_times([o for o in args.optimizers if o != "adam-ste"] + (["adam-ste"] if "adam-ste" in args.optimizers else []), args.model, ds, args)
+        result["step_time_s"] = t
+        if "bop" in t:
+            result["step_time_ratio_to_bop"] = {n: v / t["bop"] for n, v in t.items()}
+        print("step time (ms):", {n: round(v * 1e3, 3) for n, v in t.items()}, flush=True)
+    for seed in args.seeds:
+        for name in args.optimizers:
+            row = train_one(name, args.model, ds, seed, args)
+            result["runs"].append(row)
+            print(f"{name:18s} seed {seed}: test acc {row['final_test_acc']:.4f} "
+                  f"(per epoch {[round(a, 4) for a in row['test_acc']]}) wall {row['wall_s']:.0f}s", flush=True)
+            if args.out:
+                with open(args.out, "w") as fh:
+                    json.dump(result, fh, indent=1)
+    summary = {}
+    for name in args.optimizers:
+        accs = [r["final_test_acc"] for r in result["runs"] if r["optimizer"] == name]
+        summary[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
+        print(f"{name:18s} {100 * np.mean(accs):.2f} +/- {100 * np.std(accs):.2f} % (n={len(accs)})")
+    result["summary"] = summary
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

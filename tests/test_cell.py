@@ -1,0 +1,170 @@
+"""The pure-TensorFlow LSTM flip rule (kflip.cell)."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kflip
+from kflip import cell as C
+
+
+def _random_weights(hidden=2, seed=0):
+    rng = np.random.RandomState(seed)
+    return kflip.LSTMWeights(
+        kernel=rng.randn(2, 4 * hidden) * 0.5,
+        recurrent=rng.randn(hidden, 4 * hidden) * 0.5,
+        bias=rng.randn(4 * hidden),
+        out_kernel=rng.randn(hidden),
+        out_bias=0.1,
+    )
+
+
+def _numpy_lstm(w, x, h, c):
+    """Reference LSTM in numpy: x [N, F], h/c [N, H]."""
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    H = w.hidden_size
+    z = x @ w.kernel + h @ w.recurrent + w.bias
+    i, f, g, o = sig(z[:, :H]), sig(z[:, H : 2 * H]), np.tanh(z[:, 2 * H : 3 * H]), sig(z[:, 3 * H :])
+    c = f * c + i * g
+    h = o * np.tanh(c)
+    return h @ w.out_kernel + w.out_bias, h, c
+
+
+@pytest.mark.parametrize("constant", [False, True])
+def test_lstm_cell_matches_numpy_reference(constant):
+    w = _random_weights(hidden=2)
+    rng = np.random.RandomState(1)
+    x = rng.randn(50, 2).astype(np.float32)
+    h = rng.randn(50, 2).astype(np.float32) * 0.3
+    c = rng.randn(50, 2).astype(np.float32) * 0.3
+    cell = C.CellTensors.from_weights(w, constant=constant)
+    y, h1, c1 = C.lstm_cell(cell, [tf.constant(x[:, 0]), tf.constant(x[:, 1])], tf.constant(h), tf.constant(c))
+    ry, rh, rc = _numpy_lstm(w, x, h, c)
+    np.testing.assert_allclose(y.numpy(), ry, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(h1.numpy(), rh, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c1.numpy(), rc, rtol=1e-5, atol=1e-6)
+
+
+def test_flip_step_flips_iff_output_negative_and_reframes_state():
+    w = _random_weights(hidden=1, seed=3)
+    cell = C.CellTensors.from_weights(w)
+    rng = np.random.RandomState(0)
+    theta = tf.constant(np.sign(rng.randn(200)).astype(np.float32))
+    grad = tf.constant(rng.randn(200).astype(np.float32) * 1e-3)
+    h = tf.constant(rng.randn(200, 1).astype(np.float32) * 0.2)
+    c = tf.constant(rng.randn(200, 1).astype(np.float32) * 0.2)
+    out = C.flip_step(cell, theta, grad, h, c, tf.constant(0.0), 1, beta=w.beta, eps=w.eps)
+    y = out.y.numpy()
+    np.testing.assert_array_equal(out.sign.numpy(), np.where(y < 0, -1.0, 1.0))
+    assert 0 < (y < 0).sum() < 200  # the test exercises both branches
+    feats, _, _ = C.features_and_moment(theta, grad, tf.constant(0.0), 1, w.beta, w.eps)
+    _, h_raw, c_raw = C.lstm_cell(cell, feats, h, c)
+    np.testing.assert_allclose(out.h.numpy(), h_raw.numpy() * out.sign.numpy()[:, None])
+    np.testing.assert_allclose(out.c.numpy(), c_raw.numpy() * out.sign.numpy()[:, None])
+
+
+def test_rule_is_symmetric_under_global_sign_flip():
+    """(theta, g) -> (-theta, -g) gives the same decisions: the rule lives in the weight's frame."""
+    w = _random_weights(hidden=2, seed=5)
+    cell = C.CellTensors.from_weights(w)
+    rng = np.random.RandomState(0)
+    theta = np.sign(rng.randn(300)).astype(np.float32)
+    grad = rng.randn(300).astype(np.float32)
+    h = tf.zeros([300, 2])
+    a = C.flip_step(cell, tf.constant(theta), tf.constant(grad), h, h, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
+    b = C.flip_step(cell, tf.constant(-theta), tf.constant(-grad), h, h, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
+    np.testing.assert_array_equal(a.sign.numpy(), b.sign.numpy())
+
+
+def test_non_finite_gradients_flip_nothing_and_keep_state():
+    w = kflip.bop_weights(threshold=0.0, gamma=0.5)  # flips on any favourable gradient
+    cell = C.CellTensors.from_weights(w)
+    theta = tf.ones([6])
+    grad = tf.constant([1.0, np.nan, np.inf, -np.inf, 1.0, -1.0])
+    nonzero = np.array([0, 1, 1, 1, 0, 0], np.float32)[:, None]
+    h = tf.constant(0.25 * nonzero)
+    c = tf.constant(0.5 * nonzero)
+    out = C.flip_step(cell, theta, grad, h, c, tf.constant(0.0), 1, beta=w.beta, eps=w.eps)
+    np.testing.assert_array_equal(out.sign.numpy(), [-1, 1, 1, 1, -1, 1])
+    np.testing.assert_array_equal(out.h.numpy()[1:4], h.numpy()[1:4])
+    np.testing.assert_array_equal(out.c.numpy()[1:4], c.numpy()[1:4])
+    assert np.all(np.isfinite(out.h.numpy())) and np.all(np.isfinite(out.c.numpy()))
+    assert np.isfinite(out.v.numpy())
+
+
+def test_max_flips_keeps_the_most_negative_outputs():
+    w = kflip.bop_weights(threshold=0.0, gamma=0.5)
+    cell = C.CellTensors.from_weights(w)
+    grad = tf.constant(np.linspace(0.1, 1.0, 10).astype(np.float32))  # all want to flip theta=+1
+    z = tf.zeros([10, 1])
+    free = C.flip_step(cell, tf.ones([10]), grad, z, z, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
+    assert (free.sign.numpy() < 0).sum() == 10
+    capped = C.flip_step(cell, tf.ones([10]), grad, z, z, tf.constant(0.0), 1, beta=0.9, eps=1e-20, max_flips=3)
+    np.testing.assert_array_equal(np.where(capped.sign.numpy() < 0)[0], [7, 8, 9])
+
+
+def test_padding_hidden_units_is_inert():
+    w = kflip.bop_weights(threshold=1e-3, gamma=0.1)
+    wide = w.padded(3)
+    assert wide.hidden_size == 3
+    rng = np.random.RandomState(0)
+    theta = tf.constant(np.sign(rng.randn(100)).astype(np.float32))
+    s1, s3 = [], []
+    h1 = c1 = tf.zeros([100, 1])
+    h3 = c3 = tf.zeros([100, 3])
+    v1 = v3 = tf.constant(0.0)
+    for t in range(1, 20):
+        grad = tf.constant(rng.randn(100).astype(np.float32) * 1e-2)
+        a = C.flip_step(C.CellTensors.from_weights(w), theta, grad, h1, c1, v1, t, beta=w.beta, eps=w.eps)
+        b = C.flip_step(C.CellTensors.from_weights(wide), theta, grad, h3, c3, v3, t, beta=w.beta, eps=w.eps)
+        s1.append(a.sign.numpy())
+        s3.append(b.sign.numpy())
+        h1, c1, v1, h3, c3, v3 = a.h, a.c, a.v, b.h, b.c, b.v
+        theta = theta * a.sign
+    np.testing.assert_array_equal(np.array(s1), np.array(s3))
+    assert np.sum(np.array(s1) < 0) > 0
+    with pytest.raises(ValueError, match="hidden_size"):
+        wide.padded(2)
+
+
+def test_weights_save_load_roundtrip(tmp_path):
+    w = _random_weights(hidden=2)
+    w = kflip.LSTMWeights(**{**w.get_config(), "metadata": {"init": "test", "learned": False}})
+    path = tmp_path / "rule.npz"
+    w.save(str(path))
+    meta = json.loads((tmp_path / "rule.json").read_text())
+    assert meta["format"] == C.FORMAT and meta["hidden_size"] == 2 and meta["init"] == "test"
+    back = kflip.LSTMWeights.load(str(path))
+    for k in ("kernel", "recurrent", "bias", "out_kernel"):
+        np.testing.assert_array_equal(getattr(back, k), getattr(w, k))
+    assert back.out_bias == pytest.approx(w.out_bias) and back.metadata["init"] == "test"
+    # The npz holds only numeric arrays: it loads with allow_pickle=False.
+    with np.load(path, allow_pickle=False) as z:
+        assert set(z.files) >= {"kernel", "recurrent", "bias", "out_kernel", "out_bias"}
+
+
+def test_shipped_default_weights_load_and_say_what_they_are():
+    w = C.load_weights(None)
+    assert w.hidden_size >= 1
+    assert "init" in w.metadata and "learned" in w.metadata
+    if not w.metadata["learned"]:
+        assert w.metadata["init"].startswith("analytic")
+
+
+def test_bad_weights_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="kernel"):
+        kflip.LSTMWeights(np.zeros((3, 4)), np.zeros((1, 4)), np.zeros(4), np.zeros(1), 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        kflip.LSTMWeights(np.full((2, 4), np.nan), np.zeros((1, 4)), np.zeros(4), np.zeros(1), 0.0)
+    with pytest.raises(ValueError, match="beta"):
+        kflip.LSTMWeights(np.zeros((2, 4)), np.zeros((1, 4)), np.zeros(4), np.zeros(1), 0.0, beta=1.0)
+    with pytest.raises(FileNotFoundError, match="weights"):
+        kflip.LSTMWeights.load(str(tmp_path / "missing.npz"))
+    with pytest.raises(TypeError, match="weights"):
+        C.load_weights(42)
+    with pytest.raises(ValueError, match="gamma"):
+        kflip.bop_weights(gamma=1.5)
+    with pytest.raises(ValueError, match="threshold"):
+        kflip.bop_weights(threshold=-1.0)
