@@ -79,7 +79,8 @@ class FlipLSTM(Optimizer):
         (the most negative ``g_t`` win). None for no limit.
       hidden_size: LSTM hidden size; must be >= that of ``weights`` (extra units are
         zero-padded and inert until meta-trained). Default: that of ``weights``.
-      learning_rate: step size of ``output="gradient"``; unused for flips.
+      learning_rate: RMS step size of ``output="gradient"`` on the latent weights
+        (default 1e-3, Adam's typical per-step move); unused for flips.
       latent_clip: ``output="gradient"`` clips latent weights to this magnitude.
     """
 
@@ -94,7 +95,7 @@ class FlipLSTM(Optimizer):
         flip_threshold=0.0,
         max_flip_rate: float | None = None,
         hidden_size: int | None = None,
-        learning_rate=0.01,
+        learning_rate=1e-3,
         latent_clip: float | None = 1.0,
         name: str = "FlipLSTM",
         **kwargs,
