@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -248,12 +249,17 @@ def test_cli_add_arguments_and_run(tmp_path, capsys, digits):
     got = tf.saved_model.load(out).signatures["serving_default"](inputs=tf.constant(x))
     np.testing.assert_array_equal(got["output_0"].numpy(), model(x, training=False).numpy())
 
-    with pytest.raises(ValueError, match="`MODEL_PATH`.*does not exist"):
-        export_lib.run(parser.parse_args([str(tmp_path / "missing.h5"), str(tmp_path / "o")]))
+    capsys.readouterr()
+    assert export_lib.run(parser.parse_args([str(tmp_path / "missing.h5"), str(tmp_path / "o")])) == 2
+    assert re.search(r"kflip export: error: `MODEL_PATH`.*does not exist", capsys.readouterr().err)
     not_a_model = tmp_path / "junk.h5"
     not_a_model.write_text("junk")
+    assert export_lib.run(parser.parse_args([str(not_a_model), str(tmp_path / "o2")])) == 2
+    assert "`MODEL_PATH`" in capsys.readouterr().err
+    assert export_lib.run(parser.parse_args([model_path, out])) == 2  # out is not empty
+    assert re.search(r"`path`.*non-empty directory", capsys.readouterr().err)
     with pytest.raises(ValueError, match="`MODEL_PATH`.*not a loadable Keras model"):
-        export_lib.run(parser.parse_args([str(not_a_model), str(tmp_path / "o2")]))
+        export_lib.load_model(str(not_a_model))
 
 
 # ---- TFLite via LCE ----------------------------------------------------------------------
