@@ -15,7 +15,7 @@ from kflip import meta, meta_tasks
 TINY = dict(
     iterations=2,
     pairs=2,
-    horizon=40,
+    horizon=20,
     families=("mlp-32",),
     family_weights=(1.0,),
     datasets=("digits", "teacher"),
@@ -51,6 +51,18 @@ def test_make_task_is_deterministic_and_binary():
     # teacher labels use every class often enough to be a real task
     t = meta_tasks.make_task("mlp-32", "teacher", 1, horizon=1)
     assert len(np.unique(t.y_train)) >= 5
+
+
+def test_make_task_augments_digits_beyond_their_size():
+    t = meta_tasks.make_task("mlp-32", "digits", 2, horizon=200, n_train=4096)
+    assert t.x_train.shape == (4096, 64) and t.x_held_out.shape == (512, 64)
+    assert t.batches.max() == 4095  # the batch order covers the larger set
+    # held-out examples are real digits images, never augmented
+    real, _ = meta_tasks._digits()
+    assert all((np.abs(real - x).sum(1) == 0).any() for x in t.x_held_out[:20])
+    assert np.all(np.abs(t.x_train) <= 1.0)
+    with pytest.raises(ValueError, match="n_train"):
+        meta_tasks.make_task("mlp-32", "digits", 2, horizon=1, n_train=10)
 
 
 def test_functional_mlp_matches_keras_mlp():
@@ -212,6 +224,7 @@ def test_mask_freezes_raw_feature_and_scales():
         (dict(init="no/such/file"), "init"),
         (dict(init_gamma=1.5), "init_gamma"),
         (dict(horizon=0), "horizon"),
+        (dict(train_examples=8), "train_examples"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
