@@ -314,7 +314,7 @@ class FlipLSTM(Optimizer):
                 learning_rate=self._decayed("learning_rate", dtype),
                 clip=self.latent_clip,
             )
-        counter = self._flip_counters[_var_key(var)]
+        counter = self.get_slot(var, "flips")
         low = counter[0] + cell_lib.fast_sum(tf.cast(out.sign < 0, counter.dtype))
         carry = tf.floor(low / _COUNTER_BASE)
         new_counter = tf.stack([low - carry * _COUNTER_BASE, counter[1] + carry])
