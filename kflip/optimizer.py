@@ -53,6 +53,30 @@ def _float_optimizer(identifier):
     )
 
 
+def _check_binary_pair(grad, var):
+    if isinstance(grad, tf.IndexedSlices):
+        raise ValueError(
+            f"FlipLSTM got a sparse gradient (IndexedSlices) for binary variable "
+            f"{var.name}; binary weights need dense gradients."
+        )
+    dtype = tf.as_dtype(getattr(var, "true_dtype", var.dtype))
+    if not dtype.is_floating:
+        raise ValueError(
+            f"FlipLSTM: binary variable {var.name} has dtype {dtype.name}; it must be a "
+            "floating-point variable holding +1/-1."
+        )
+    if not tf.as_dtype(grad.dtype).is_floating:
+        raise ValueError(
+            f"FlipLSTM: the gradient for {var.name} has dtype {tf.as_dtype(grad.dtype).name}, "
+            "expected a floating-point gradient."
+        )
+    if not grad.shape.is_compatible_with(var.shape):
+        raise ValueError(
+            f"FlipLSTM: the gradient for {var.name} has shape {grad.shape}, but the "
+            f"variable has shape {var.shape}."
+        )
+
+
 @tf.keras.utils.register_keras_serializable(package="kflip")
 class FlipLSTM(Optimizer):
     """Flip binary weights by the sign of a learned coordinatewise LSTM's output.
@@ -187,6 +211,8 @@ class FlipLSTM(Optimizer):
     def _split(self, grads_and_vars):
         binary, floats = [], []
         for g, v in grads_and_vars:
+            if is_binary_variable(v) and g is not None:
+                _check_binary_pair(g, v)
             (binary if is_binary_variable(v) else floats).append((g, v))
         return binary, floats
 

@@ -269,6 +269,17 @@ def test_nan_gradients_never_corrupt_binary_weights():
         assert np.all(np.isfinite(opt.get_slot(var, s).numpy()))
 
 
+def test_wrong_gradient_shape_or_dtype_is_a_clear_error():
+    var = lq.quantized_variable.QuantizedVariable.from_variable(
+        tf.Variable(tf.ones([4, 3])), quantizer=lq.quantizers.NoOp(precision=1), precision=1)
+    opt = kflip.FlipLSTM()
+    with pytest.raises(ValueError, match="shape"):
+        opt.apply_gradients([(tf.ones([3, 4]), var)])
+    with pytest.raises(ValueError, match="dtype"):
+        opt.apply_gradients([(tf.ones([4, 3], tf.int32), var)])
+    np.testing.assert_array_equal(var.numpy(), np.ones([4, 3]))  # untouched
+
+
 def test_max_flip_rate_caps_flips_per_step(digits):
     model = small_mlp(hidden=(64,))
     opt = kflip.FlipLSTM(kflip.bop_weights(0.0, 0.5), max_flip_rate=0.01)
