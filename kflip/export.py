@@ -186,10 +186,12 @@ class ServingModule(tf.Module):
 
     def trace(self, model, kernels, input_spec: tf.TensorSpec):
         """Trace ``model``'s inference call with kernels substituted; returns the
-        concrete serving function (also kept as ``self.serve``)."""
+        concrete serving function (saved as the ``serving_default`` signature only:
+        also keeping the ``tf.function`` as an attribute would make saving trace
+        and store the graph, kernels included, a second time)."""
         stored, shapes, packed = list(self._stored), list(self.kernel_shapes), self.packed
 
-        @tf.function(input_signature=[input_spec])
+        @tf.function(input_signature=[input_spec], autograph=False)
         def serve(inputs):
             tensors = []
             for i, (a, shape, k) in enumerate(zip(stored, shapes, kernels)):
@@ -200,7 +202,6 @@ class ServingModule(tf.Module):
                 y = model(inputs, training=False)
             return {"output_0": y} if not isinstance(y, dict) else y
 
-        self.serve = serve
         return serve.get_concrete_function()
 
 
