@@ -687,15 +687,11 @@ class _LayerSearch:
         return float(_sum64(self.L))
 
     def _capacities(self, b):
-        """Compiled pair capacities for block size b: n * 4**k, up to the cap."""
+        """Compiled pair capacities for block size b (at most two sizes)."""
         top = min(b * self.n, max(self.n, self.pairs_per_block))
         if top <= 8192:  # small problems: one compiled size
             return [top]
-        caps, c = [], self.n
-        while c < top:
-            caps.append(c)
-            c *= 4
-        return caps + [top]
+        return sorted({min(top, 2 * self.n), top})  # two compiled sizes (compile is costly)
 
     def eval_fn(self, b, g, capacity):
         key = (b, g, capacity)
@@ -714,7 +710,7 @@ class _LayerSearch:
 
         Returns None if more (candidate, example) pairs change than ``pairs_per_block``
         allows (the caller splits the block). The pair capacity adapts to the counts
-        seen (a few compiled sizes, n * 4**k).
+        seen (at most two compiled sizes per block size).
         """
         b, g = int(cc.shape[0]), int(ff.shape[1])
         caps = self._capacities(b) if self.next is not None else [0]
@@ -968,6 +964,7 @@ def greedy_flip(
     t0 = time.perf_counter()
     loss_before = float(full_loss(xp, yp)) / n
     reports = []
+    searches: dict = {}  # compiled per-layer kernels, reused across passes
     for pass_index in range(passes):
         pass_accepted = 0
         for p in chosen:
@@ -975,9 +972,10 @@ def greedy_flip(
                 rep = _search_layer_naive(net, p, xp, yp, pass_index, order, group_size, exhaustive,
                                           max_candidates, max_seconds, min_delta, rng, on_step)
             else:
-                rep = _search_layer(net, p, xp, yp, pass_index, order, group_size, exhaustive,
-                                    max_candidates, max_seconds, min_delta, rng, on_step,
-                                    block_size, pairs_per_block)
+                if p not in searches:
+                    searches[p] = _LayerSearch(net, p, xp, yp, pairs_per_block)
+                rep = _search_layer(searches[p], pass_index, order, group_size, exhaustive,
+                                    max_candidates, max_seconds, min_delta, rng, on_step, block_size)
             reports.append(rep)
             pass_accepted += rep.accepted
             if verbose:
@@ -1030,11 +1028,10 @@ def _masks(n_bits, start, count):
     return ((m >> np.arange(n_bits)) & 1).astype(np.float32)
 
 
-def _search_layer(net, p, xp, yp, pass_index, order, group_size, exhaustive, max_candidates,
-                  max_seconds, min_delta, rng, on_step, block_size, pairs_per_block):
-    lin: _Linear = net.ops[p]
+def _search_layer(s, pass_index, order, group_size, exhaustive, max_candidates,
+                  max_seconds, min_delta, rng, on_step, block_size):
+    lin: _Linear = s.lin
     t0 = time.perf_counter()
-    s = _LayerSearch(net, p, xp, yp, pairs_per_block)
     Wm = tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units])
     s.start(Wm)
     n = s.n
@@ -1292,6 +1289,14 @@ class GreedyFlip(tf.keras.callbacks.Callback):
         bad = set(kwargs) - set(greedy_flip.__kwdefaults__)
         if bad:
             raise ValueError(f"unknown greedy_flip arguments: {sorted(bad)}")
+        if log_dir is not None:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError as e:
+                raise ImportError(
+                    "`log_dir` needs the tensorboard package (pip install tensorboard); without "
+                    "it, put a TensorBoard callback after GreedyFlip or read model.history."
+                ) from e
         self.x, self.y = x, y
         self.every_n_epochs = every_n_epochs
         self.at_train_end = at_train_end

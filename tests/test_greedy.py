@@ -1,0 +1,318 @@
+"""Greedy flip search (kflip.greedy): exactness vs a naive full forward, acceptance rule,
+binary invariants, interrupt safety, options, callback. Digits / generated data only."""
+
+import os
+
+import larq as lq
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import binary_values, is_pm1, small_cnn, small_mlp
+
+import kflip
+from kflip import greedy
+
+N_PROBE = 64
+
+
+@pytest.fixture(scope="module")
+def probe(digits):
+    return digits.x_train[:N_PROBE], digits.y_train[:N_PROBE]
+
+
+def _naive_delta(net, p, xp, yp, Wm, c, f, m):
+    nv = greedy._Naive(net, p, xp, yp)
+    base = nv.loss_sum(tf.constant(Wm))
+    out = []
+    for ci, fi, mi in zip(c, f, m):
+        w2 = Wm.copy()
+        for a, bit in zip(fi, mi):
+            if bit:
+                w2[a, ci] *= -1
+        out.append(nv.loss_sum(tf.constant(w2)) - base)
+    return np.array(out)
+
+
+def _check_layers_exact(model, x, y, n_cand=24, group=2, seed=0):
+    """Incremental loss deltas == naive full-forward deltas, every binary layer."""
+    rng = np.random.RandomState(seed)
+    net = greedy._Network(model, None, None)
+    xp, yp = tf.constant(x), tf.constant(y)
+    for p in [i for i in net.linear if net.ops[i].binary]:
+        lin = net.ops[p]
+        Wm = tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units])
+        s = greedy._LayerSearch(net, p, xp, yp, pairs_per_block=4096)
+        s.start(Wm)
+        c = rng.randint(0, lin.units, n_cand).astype(np.int32)
+        f = np.stack([rng.choice(lin.fan_in, group, replace=False) for _ in range(n_cand)]).astype(np.int32)
+        m = (rng.rand(n_cand, group) < 0.7).astype(np.float32)
+        delta, naff = s.evaluate(c, f, m)
+        ref = _naive_delta(net, p, xp, yp, Wm.numpy(), c, f, m)
+        scale = max(1.0, float(np.abs(ref).max()))
+        np.testing.assert_allclose(delta, ref, rtol=1e-5, atol=1e-4 * scale, err_msg=lin.name)
+        # an unchanged boundary means an exactly unchanged loss
+        assert np.all(ref[naff == 0] == 0.0), lin.name
+        assert np.any(delta != 0.0), lin.name  # the check is not vacuous
+
+
+def test_functional_forward_matches_keras(probe):
+    x, _ = probe
+    for model in (small_mlp(hidden=(16,)), small_cnn()):
+        net = greedy._Network(model, None, None)
+        ours = net.outputs(net.forward(tf.constant(x))).numpy()
+        np.testing.assert_allclose(ours, model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_incremental_equals_naive_dense(probe):
+    x, y = probe
+    model = small_mlp(hidden=(12, 10), seed=3)
+    _check_layers_exact(model, x, y, n_cand=12)
+
+
+def test_incremental_equals_naive_conv(probe):
+    x, y = probe
+    tf.keras.utils.set_random_seed(4)
+    kw = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip")
+    model = tf.keras.Sequential(
+        [
+            tf.keras.Input((8, 8, 1)),
+            lq.layers.QuantConv2D(6, 3, padding="same", pad_values=1.0, use_bias=True, **kw),
+            tf.keras.layers.MaxPooling2D(2),
+            tf.keras.layers.BatchNormalization(),
+            lq.layers.QuantConv2D(5, 2, strides=2, padding="same", input_quantizer="ste_sign", **kw),
+            tf.keras.layers.BatchNormalization(),
+            tf.keras.layers.Flatten(),
+            lq.layers.QuantDense(10, input_quantizer="ste_sign", **kw),
+            tf.keras.layers.Activation("softmax"),
+        ]
+    )
+    kflip.snap_binary_weights(model)
+    for v in model.non_trainable_variables:  # non-trivial BN statistics
+        v.assign(tf.random.uniform(v.shape, 0.5, 1.5) if "variance" in v.name else tf.random.normal(v.shape))
+    _check_layers_exact(model, x, y, n_cand=12, group=2, seed=2)
+
+
+@pytest.mark.parametrize("order", ["index", "random"])
+def test_accepted_sequence_equals_naive(probe, order):
+    x, y = probe
+    runs = {}
+    for method in ("incremental", "naive"):
+        model = small_mlp(hidden=(10,), seed=5)
+        rep = greedy.greedy_flip(model, x, y, probe_size=None, order=order, method=method, block_size=64)
+        runs[method] = (rep, binary_values(model))
+    (inc, w_inc), (nv, w_nv) = runs["incremental"], runs["naive"]
+    assert inc.accepted > 5 and inc.tried == nv.tried
+    assert [lr.flips for lr in inc.layers] == [lr.flips for lr in nv.layers]
+    assert all(np.array_equal(a, b) for a, b in zip(w_inc, w_nv))
+    assert inc.loss_after == pytest.approx(nv.loss_after, rel=1e-5)
+
+
+def test_every_accept_strictly_lowers_probe_loss_and_weights_stay_binary(probe):
+    x, y = probe
+    model = small_cnn(seed=2)
+    net = greedy._Network(model, None, None)
+    full = tf.function(lambda t: greedy._sum64(net.per_example_loss(net.forward(t), y)), jit_compile=True)
+    losses = [float(full(x))]
+    binary_ok = []
+
+    def hook(ev):
+        if ev["event"] == "accept":
+            losses.append(float(full(x)))  # naive full-forward loss of the model's weights now
+            binary_ok.append(is_pm1(binary_values(model)))
+
+    rep = greedy.greedy_flip(model, x, y, probe_size=None, on_step=hook, block_size=64,
+                             max_candidates=60)
+    assert rep.accepted == len(losses) - 1 > 3
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    assert all(binary_ok) and is_pm1(binary_values(model))
+    assert rep.loss_after == pytest.approx(losses[-1] / len(y), rel=1e-6)
+    for lr in rep.layers:
+        assert lr.loss_after <= lr.loss_before and lr.stop_reason == ("max_candidates" if lr.candidates > 60 else "done")
+        assert lr.tried == min(60, lr.candidates)
+
+
+@pytest.mark.parametrize("where", ["accept_hook", "evaluate"])
+def test_interrupt_leaves_model_as_after_last_accepted_flip(probe, monkeypatch, where):
+    x, y = probe
+    model = small_mlp(hidden=(10,), seed=6)
+    snapshots = []
+
+    def hook(ev):
+        if ev["event"] == "accept":
+            snapshots.append(binary_values(model))
+            if where == "accept_hook" and len(snapshots) == 3:
+                raise KeyboardInterrupt
+
+    if where == "evaluate":
+        calls = {"n": 0}
+        orig = greedy._LayerSearch.evaluate
+
+        def flaky(self, *a):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                raise RuntimeError("boom")
+            return orig(self, *a)
+
+        monkeypatch.setattr(greedy._LayerSearch, "evaluate", flaky)
+    with pytest.raises(KeyboardInterrupt if where == "accept_hook" else RuntimeError):
+        greedy.greedy_flip(model, x, y, probe_size=None, on_step=hook, block_size=8)
+    assert len(snapshots) >= 1
+    now = binary_values(model)
+    assert all(np.array_equal(a, b) for a, b in zip(now, snapshots[-1]))
+    assert is_pm1(now)
+
+
+def test_exhaustive_returns_best_assignment(probe):
+    x, y = probe
+    model = small_mlp(hidden=(8,), seed=7)
+    w0 = binary_values(model)
+    rep = greedy.greedy_flip(model, x, y, probe_size=None, layers=[0], group_size=4, exhaustive=True,
+                             max_candidates=3, block_size=8)
+    assert rep.tried == 3 * 15
+    w1 = binary_values(model)
+    # brute force over the 16 assignments of the first group (fan-in 0..3 of unit 0)
+    net = greedy._Network(model, None, None)
+    p = net.linear[0]
+    nv = greedy._Naive(net, p, tf.constant(x), tf.constant(y))
+    W = w0[0].reshape(-1, 8)
+    best = min(range(16), key=lambda code: (nv.loss_sum(tf.constant(_flip(W, 0, code))), code))
+    got = w1[0].reshape(-1, 8)
+    assert np.array_equal(got[:4, 0], _flip(W, 0, best)[:4, 0])
+    ref = greedy.greedy_flip(small_mlp(hidden=(8,), seed=7), x, y, probe_size=None, layers=[0],
+                             group_size=4, exhaustive=True, max_candidates=3, method="naive")
+    assert ref.layers[0].flips == rep.layers[0].flips
+    assert is_pm1(w1)
+
+
+def _flip(W, col, code):
+    w = W.copy()
+    for bit in range(4):
+        if code >> bit & 1:
+            w[bit, col] *= -1
+    return w
+
+
+def test_options_gradient_order_groups_budgets_and_backward(probe):
+    x, y = probe
+    model = small_mlp(hidden=(12,), seed=8)
+    rep = greedy.greedy_flip(model, x, y, probe_size=64, order="gradient", group_size=3,
+                             layer_order="backward", passes=2, max_seconds=60, block_size=64)
+    assert rep.probe_size == 64
+    names = [lr.name for lr in rep.layers]
+    assert names[:2] == [names[0], names[1]] and names[0] != names[1]
+    binary = [v for v in kflip.binary_variables(model)]
+    assert names[0] == binary[-1].name.split("/")[0]  # backward: last layer first
+    assert rep.layers[0].candidates == -(-12 // 3) * 10
+    assert rep.accepted > 0 and rep.flipped >= rep.accepted
+    assert rep.loss_after < rep.loss_before and is_pm1(binary_values(model))
+    logs = rep.as_logs()
+    assert logs["greedy/accepted"] == rep.accepted and "greedy/loss_after" in logs
+    # gradient ranking: the first candidates have the most negative first-order change
+    s = greedy._groups("gradient", 5, 2, 1, None, gain=np.array([[3.0, -1], [-5, 0], [0, 0], [1, 2], [-2, 9]]))
+    assert list(zip(s[0][:3], s[1][:3, 0])) == [(0, 1), (0, 4), (1, 0)]
+
+
+def test_dataset_input_matches_arrays(digits):
+    x, y = digits.x_train[:100], digits.y_train[:100]
+    a = small_mlp(hidden=(8,), seed=9)
+    b = small_mlp(hidden=(8,), seed=9)
+    ra = greedy.greedy_flip(a, x[:80], y[:80], probe_size=None, layers=[1], block_size=64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    rb = greedy.greedy_flip(b, ds, probe_size=80, layers=[b.layers[-3].name],
+                            block_size=64)
+    assert ra.layers[0].flips == rb.layers[0].flips and ra.probe_size == rb.probe_size == 80
+
+
+def test_functional_chain_supported_and_branches_rejected(probe):
+    x, y = probe
+    inp = tf.keras.Input((8, 8, 1))
+    h = tf.keras.layers.Flatten()(inp)
+    h = lq.layers.QuantDense(10, kernel_quantizer="ste_sign", use_bias=False)(h)
+    out = tf.keras.layers.Activation("softmax")(tf.keras.layers.BatchNormalization()(h))
+    model = tf.keras.Model(inp, out)
+    kflip.snap_binary_weights(model)
+    rep = greedy.greedy_flip(model, x, y, probe_size=None, max_candidates=64, block_size=64)
+    assert rep.tried == 64
+    h2 = tf.keras.layers.Add()([h, h])
+    branchy = tf.keras.Model(inp, tf.keras.layers.Activation("softmax")(h2))
+    with pytest.raises(ValueError, match="model"):
+        greedy.greedy_flip(branchy, x, y)
+
+
+def test_bad_input_raises_clear_value_errors(probe):
+    x, y = probe
+    model = small_mlp(hidden=(8,))
+    bad = [
+        (dict(order="best"), "order"),
+        (dict(group_size=0), "group_size"),
+        (dict(passes=0), "passes"),
+        (dict(max_candidates=0), "max_candidates"),
+        (dict(max_seconds=-1), "max_seconds"),
+        (dict(method="fast"), "method"),
+        (dict(layer_order="sideways"), "layer_order"),
+        (dict(layers=["nope"]), "layers"),
+        (dict(exhaustive=True, group_size=30), "group_size"),
+        (dict(min_delta=-1.0), "min_delta"),
+        (dict(loss="mse"), "loss"),
+    ]
+    for kwargs, name in bad:
+        with pytest.raises(ValueError, match=name):
+            greedy.greedy_flip(model, x, y, **kwargs)
+    with pytest.raises(ValueError, match="`y`"):
+        greedy.greedy_flip(model, x, y[:5])
+    with pytest.raises(ValueError, match="`x`"):
+        greedy.greedy_flip(model, np.zeros((4, 7, 7, 1), np.float32), y[:4])
+    latent = small_mlp(hidden=(8,))
+    latent.layers[1].kernel.assign(latent.layers[1].kernel * 0.5)
+    with pytest.raises(ValueError, match="snap_binary_weights"):
+        greedy.greedy_flip(latent, x, y)
+    float_model = tf.keras.Sequential([tf.keras.Input((8, 8, 1)), tf.keras.layers.Flatten(),
+                                       tf.keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match="binary"):
+        greedy.greedy_flip(float_model, x, y)
+    with pytest.raises(ValueError, match="every_n_epochs"):
+        greedy.GreedyFlip(x, y, every_n_epochs=0)
+    with pytest.raises(ValueError, match="unknown"):
+        greedy.GreedyFlip(x, y, ordr="index")
+
+
+def test_search_kernels_compile_with_xla(probe):
+    x, y = probe
+    model = small_mlp(hidden=(8,))
+    net = greedy._Network(model, None, None)
+    p = net.linear[0]
+    s = greedy._LayerSearch(net, p, tf.constant(x), tf.constant(y), 4096)
+    lin = net.ops[p]
+    s.start(tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units]))
+    cc, ff, mm = np.zeros(8, np.int32), np.arange(8, dtype=np.int32)[:, None], np.ones((8, 1), np.float32)
+    fn = s.eval_fn(8, 1, s._capacities(8)[-1])
+    hlo = fn.experimental_get_compiler_ir(s.P, s.Z, s.A, s.Zn, s.L, s.Wm, cc, ff, mm)(stage="hlo")
+    assert "HloModule" in hlo
+    hlo = s._update.experimental_get_compiler_ir(s.P, s.Z, s.A, s.Zn, s.Wm, tf.constant(0), ff[0], mm[0])(
+        stage="hlo")
+    assert "HloModule" in hlo
+
+
+def test_greedyflip_callback_logs_history_and_tensorboard(digits, tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+
+        log_dir = str(tmp_path)
+    except ImportError:
+        log_dir = None
+        with pytest.raises(ImportError, match="tensorboard"):
+            kflip.GreedyFlip(digits.x_train, digits.y_train, log_dir=str(tmp_path))
+    model = small_mlp(hidden=(8,))
+    model.compile(kflip.FlipLSTM(), "sparse_categorical_crossentropy", jit_compile=True)
+    cb = kflip.GreedyFlip(digits.x_train, digits.y_train, every_n_epochs=1, at_train_end=True,
+                          probe_size=64, max_candidates=40, block_size=64, log_dir=log_dir)
+    hist = model.fit(digits.x_train[:256], digits.y_train[:256], epochs=2, batch_size=64, verbose=0,
+                     callbacks=[cb])
+    assert len(hist.history["greedy/accepted"]) == 2
+    assert len(hist.history["greedy/loss_after@train_end"]) == 1
+    assert len(cb.reports) == 3 and [e for e, _ in cb.reports] == [1, 2, 2]
+    for _, rep in cb.reports:
+        assert rep.loss_after <= rep.loss_before and rep.tried == 40 * 2
+    assert is_pm1(binary_values(model))
+    if log_dir is not None:
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
