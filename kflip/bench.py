@@ -908,6 +908,12 @@ def bench(
                 )
             if seed == seeds[0]:
                 timing_models[name] = net
+            if output_dir:  # keep finished runs if the bench is interrupted
+                os.makedirs(output_dir, exist_ok=True)
+                _write_json(
+                    {"config": config, "machine": machine_info(), "runs": runs, "partial": True},
+                    os.path.join(output_dir, "results.json"),
+                )
     if "bop" not in timing_models:
         _, timing_models["bop"] = _run(
             ds,
