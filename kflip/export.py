@@ -108,24 +108,27 @@ def _binary_kernels(model) -> list[_Kernel]:
         for attr, value in vars(layer).items():
             if isinstance(value, tf.Variable):
                 owners.setdefault(id(value), (layer, attr))
-    kernels = []
+    # Read the quantized values first and validate afterwards: larq's
+    # `quantized_scope` does not restore its global flag when an exception
+    # escapes the `with` block.
     with lq.context.quantized_scope(True):
-        for v in variables:
-            if id(v) not in owners:
-                raise ValueError(
-                    f"`model`: binary variable {v.name} is not an attribute of any layer, "
-                    "so kflip export cannot substitute its packed value; use standard "
-                    "larq layers (QuantDense, QuantConv2D, ...)."
-                )
-            values = tf.convert_to_tensor(v).numpy()
-            if not np.all(np.abs(values) == 1.0):
-                raise ValueError(
-                    f"`model`: binary variable {v.name} does not quantize to exactly "
-                    "+-1 (its kernel quantizer is not a sign quantizer, or a NoOp "
-                    "quantizer sees unsnapped weights); call "
-                    "kflip.snap_binary_weights(model) or use a sign quantizer."
-                )
-            kernels.append(_Kernel(*owners[id(v)], v, values))
+        values = [tf.convert_to_tensor(v).numpy() for v in variables]
+    kernels = []
+    for v, value in zip(variables, values):
+        if id(v) not in owners:
+            raise ValueError(
+                f"`model`: binary variable {v.name} is not an attribute of any layer, "
+                "so kflip export cannot substitute its packed value; use standard "
+                "larq layers (QuantDense, QuantConv2D, ...)."
+            )
+        if not np.all(np.abs(value) == 1.0):
+            raise ValueError(
+                f"`model`: binary variable {v.name} does not quantize to exactly "
+                "+-1 (its kernel quantizer is not a sign quantizer, or a NoOp "
+                "quantizer sees unsnapped weights); call "
+                "kflip.snap_binary_weights(model) or use a sign quantizer."
+            )
+        kernels.append(_Kernel(*owners[id(v)], v, value))
     return kernels
 
 

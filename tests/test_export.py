@@ -180,10 +180,10 @@ def test_unpacked_export_is_identical_and_larger(exported, tmp_path):
     assert _graph_constants(str(tmp_path / "float"), tf.uint8) == []
     saving = report["saved_model_bytes"] - packed_report["saved_model_bytes"]
     # float kernels cost 32 bits per weight, packed ones 1 bit (31/32 saved), minus the
-    # few graph nodes that unpack them (a fixed cost, ~1 KB per kernel).
+    # graph nodes that unpack them (a fixed cost of a few KB per kernel).
     kernel_saving = report["binary_kernel_bytes"] - packed_report["binary_kernel_bytes"]
     assert kernel_saving == 4 * 2368 - (256 + 40)  # 64*32 + 32*10 weights
-    assert kernel_saving - 1024 * len(sizes) <= saving < kernel_saving
+    assert 0 < kernel_saving - 4096 * len(sizes) <= saving < kernel_saving
 
 
 # ---- errors ------------------------------------------------------------------------------
@@ -226,6 +226,8 @@ def test_non_binary_or_invalid_models_raise_clear_errors(tmp_path):
     )
     with pytest.raises(ValueError, match="exactly.*snap_binary_weights"):
         kflip.export(unsnapped, str(tmp_path / "d"))
+    # The error left no global state behind (larq's quantized_scope flag).
+    assert not lq.context.should_quantize()
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "d")
 
 
