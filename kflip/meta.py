@@ -604,7 +604,7 @@ def plot_rule(rules: dict, path: str, steps: int = 1000, trials: int = 1000) -> 
     import matplotlib.pyplot as plt
 
     feats = np.linspace(-4, 4, 161)
-    cells = np.linspace(-0.5, 0.5, 161)
+    cells = np.linspace(-0.05, 0.05, 161)
     means = np.linspace(-0.3, 0.3, 25)
     n = len(rules)
     fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 3.8))
