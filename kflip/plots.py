@@ -117,7 +117,7 @@ def plot_flip_rate(runs: Sequence[dict], path: str, title: str | None = None) ->
         ax.set_title(f"{name}\n{np.mean([r['flips_per_step'] for r in rs]):.1f} flips/step", fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, loc="upper right")
+        ax.legend(fontsize=6, loc="best", framealpha=0.6)
     axes[0].set_ylabel("flips per weight per step")
     if title:
         fig.suptitle(title, fontsize=11)
