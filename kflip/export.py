@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -203,7 +204,7 @@ class ServingModule(tf.Module):
                 tensors.append(tf.cast(t, k.variable.dtype))
             with _substituted(kernels, tensors):
                 y = model(inputs, training=False)
-            return {"output_0": y} if not isinstance(y, dict) else y
+            return {"output_0": y}
 
         return serve.get_concrete_function()
 
@@ -217,6 +218,8 @@ def _input_spec(model) -> tf.TensorSpec:
         )
     if len(inputs) != 1:
         raise ValueError(f"`model` must have exactly one input, got {len(inputs)}.")
+    if len(getattr(model, "outputs", None) or [None]) != 1:
+        raise ValueError(f"`model` must have exactly one output, got {len(model.outputs)}.")
     shape = [None] + list(inputs[0].shape[1:])
     return tf.TensorSpec(shape, tf.float32, name="inputs")
 
@@ -225,6 +228,18 @@ def _dir_bytes(path: str) -> int:
     total = 0
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def _saved_model_bytes(path: str) -> int:
+    """Bytes of the SavedModel proper (graph, fingerprint, variables, assets)."""
+    total = 0
+    for name in ("saved_model.pb", "fingerprint.pb", "variables", "assets"):
+        p = os.path.join(path, name)
+        if os.path.isdir(p):
+            total += _dir_bytes(p)
+        elif os.path.exists(p):
+            total += os.path.getsize(p)
     return total
 
 
@@ -306,7 +321,7 @@ def export(
         "packed": packed,
         "signature": SIGNATURE,
         "output_key": "output_0",
-        "saved_model_bytes": _dir_bytes(path),
+        "saved_model_bytes": _saved_model_bytes(path),
         "binary_variables": len(kernels),
         "binary_weights": n_weights,
         "binary_kernel_bytes": module.kernel_bytes,
@@ -320,10 +335,15 @@ def export(
     got = loaded.signatures[SIGNATURE](inputs=tf.constant(x))["output_0"].numpy()
     report["max_abs_diff"] = float(np.max(np.abs(got - expected)))
     report["verified_on"] = int(len(x))
+    if report["max_abs_diff"] != 0.0:
+        warnings.warn(
+            f"kflip.export: the reloaded SavedModel differs from the Keras model by up "
+            f"to {report['max_abs_diff']:.3g} on the verification sample.",
+            stacklevel=2,
+        )
 
     if tflite:
         report.update(_export_tflite(model, os.path.join(path, TFLITE_NAME), x, expected))
-    report["saved_model_bytes"] = _dir_bytes(path) - report.get("tflite_bytes", 0)
     with open(os.path.join(path, REPORT_NAME), "w") as fh:
         json.dump(report, fh, indent=2, sort_keys=True)
         fh.write("\n")

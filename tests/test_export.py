@@ -228,7 +228,12 @@ def test_non_binary_or_invalid_models_raise_clear_errors(tmp_path):
         kflip.export(unsnapped, str(tmp_path / "d"))
     # The error left no global state behind (larq's quantized_scope flag).
     assert not lq.context.should_quantize()
-    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "d")
+    inp = tf.keras.Input((4,))
+    head = lq.layers.QuantDense(3, kernel_quantizer="ste_sign")
+    two_outputs = tf.keras.Model(inp, [head(inp), tf.keras.layers.Dense(2)(inp)])
+    with pytest.raises(ValueError, match="exactly one output"):
+        kflip.export(two_outputs, str(tmp_path / "e"))
+    assert not [p for p in "ade" if os.path.exists(tmp_path / p)]
 
 
 # ---- CLI ---------------------------------------------------------------------------------
