@@ -635,15 +635,17 @@ def train(
 # Step timing, interleaved
 # ---------------------------------------------------------------------------------
 def time_train_steps(
-    models: dict, x, y, *, steps: int = 20, rounds: int = 5
+    models: dict, x, y, *, steps: int = 20, rounds: int = 10
 ) -> dict:
     """Steady-state seconds per training step of already-trained, compiled models.
 
     Reuses each model's compiled (XLA) train function on one fixed batch, after two
-    warm-up calls; the optimizers are timed round-robin (``rounds`` rounds of
-    ``steps`` steps, the starting model rotating) so a machine whose load changes
-    over time affects them alike. Returns the median per-step seconds per key.
-    Note: this trains the models further.
+    warm-up calls. The optimizers are timed round-robin (``rounds`` rounds of
+    ``steps`` steps each, the starting model rotating) so a machine whose load
+    changes over time affects them alike; every step is timed on its own (its
+    outputs are fetched, so it has finished) and the median over all
+    ``rounds * steps`` steps is returned per key, which discounts steps that lost the
+    CPU to other processes. Note: this trains the models further.
     """
     _check_positive_int("steps", steps)
     _check_positive_int("rounds", rounds)
@@ -660,13 +662,70 @@ def time_train_steps(
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             fn, it = fns[name], its[name]
-            t0 = time.perf_counter()
-            out = None
             for _ in range(steps):
-                out = fn(it)
-            _sync(out)
-            per[name].append((time.perf_counter() - t0) / steps)
+                t0 = time.perf_counter()
+                _sync(fn(it))
+                per[name].append(time.perf_counter() - t0)
     return {name: float(np.median(v)) for name, v in per.items()}
+
+
+def compiled_model(
+    ds: data_lib.Dataset,
+    *,
+    model: str,
+    model_options: dict,
+    optimizer: str,
+    seed: int = 0,
+    optimizer_options: dict | None = None,
+) -> tf.keras.Model:
+    """A freshly built model compiled like the bench's (XLA), not trained."""
+    tf.keras.utils.set_random_seed(int(seed))
+    net = build_model(model, ds, **model_options)
+    net.compile(
+        optimizer=make_optimizer(optimizer, **(optimizer_options or {})),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=True,
+    )
+    return net
+
+
+def step_times(
+    dataset="digits",
+    *,
+    model: str = "mlp",
+    model_options: dict | None = None,
+    optimizers: Sequence[str] = OPTIMIZERS,
+    batch_size: int = 64,
+    steps: int = 20,
+    rounds: int = 10,
+    data_dir: str | None = None,
+    bop_threshold: float = 1e-6,
+    bop_gamma: float = 1e-3,
+    lstm_weights=None,
+) -> dict:
+    """Only the step-time part of :func:`bench`, on fresh (untrained) models.
+
+    Returns ``{"step_ms": {name: ms}, "rel_bop": {name: ratio}}`` (``rel_bop`` only
+    if ``"bop"`` is among ``optimizers``).
+    """
+    ds = resolve_dataset(dataset, data_dir)
+    _, model_options = _defaults_for(ds, 1, model, model_options)
+    opt_options = dict(bop_threshold=bop_threshold, bop_gamma=bop_gamma, lstm_weights=lstm_weights)
+    nets = {
+        name: compiled_model(
+            ds, model=model, model_options=model_options, optimizer=name,
+            optimizer_options=opt_options,
+        )
+        for name in optimizers
+    }
+    secs = time_train_steps(
+        nets, ds.x_train[:batch_size], ds.y_train[:batch_size], steps=steps, rounds=rounds
+    )
+    out = {"step_ms": {k: 1e3 * v for k, v in secs.items()}}
+    if "bop" in secs:
+        out["rel_bop"] = {k: v / secs["bop"] for k, v in secs.items()}
+    return out
 
 
 def _sync(out):
@@ -768,7 +827,7 @@ def bench(
     output_dir: str | None = "kflip-bench",
     plots: bool = True,
     timing_steps: int = 20,
-    timing_rounds: int = 5,
+    timing_rounds: int = 10,
     greedy_examples: int = 1024,
     greedy_options: dict | None = None,
     data_dir: str | None = None,
@@ -915,18 +974,11 @@ def bench(
                     os.path.join(output_dir, "results.json"),
                 )
     if "bop" not in timing_models:
-        _, timing_models["bop"] = _run(
-            ds,
-            model=model,
-            model_options=model_options,
-            optimizer="bop",
-            epochs=1,
-            batch_size=batch_size,
-            seed=seeds[0],
-            eval_every=eval_every,
-            optimizer_options=opt_options,
+        timing_models["bop"] = compiled_model(
+            ds, model=model, model_options=model_options, optimizer="bop",
+            seed=seeds[0], optimizer_options=opt_options,
         )
-        notes.append("bop was trained for one epoch only to time its train step.")
+        notes.append("bop was not benchmarked; a fresh Bop model was compiled to time its step.")
     say(f"  timing train steps round-robin ({timing_rounds} x {timing_steps} steps each) ...")
     x_b, y_b = ds.x_train[:batch_size], ds.y_train[:batch_size]
     step_seconds = time_train_steps(

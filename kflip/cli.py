@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     be.add_argument("--timing-steps", type=_positive_int, default=20,
                     help="steps per optimizer per timing round (default 20)")
-    be.add_argument("--timing-rounds", type=_positive_int, default=5,
-                    help="round-robin timing rounds (default 5)")
+    be.add_argument("--timing-rounds", type=_positive_int, default=10,
+                    help="round-robin timing rounds (default 10)")
     _add_common(be)
 
     for name, (_, help_text) in PLUGINS.items():
