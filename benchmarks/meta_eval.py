@@ -100,6 +100,18 @@ def _key(r):
     return (r["stage"], r["model"], r["method"], r["seed"], r["epochs"], json.dumps(r.get("hyper", {}), sort_keys=True))
 
 
+def all_runs(runs_path):
+    """Runs from every ``meta_eval_runs*.json`` beside ``runs_path`` (several
+    processes may run disjoint parts of the benchmark, each with its own file)."""
+    import glob
+
+    d = os.path.dirname(os.path.abspath(runs_path))
+    out = []
+    for path in sorted(glob.glob(os.path.join(d, "meta_eval_runs*.json"))):
+        out += _load_runs(path)
+    return out
+
+
 def summarize(runs):
     out = {}
     for r in runs:
@@ -189,11 +201,16 @@ def main(argv=None):
             continue
         r.update(train_eval(model_name, make, ds, seed, args.epochs))
         record(r)
-        _save_json(args.summary, {"summary": summarize(runs), "bop_hyper": bop_hyper,
-                                  "sweep": [x for x in runs if x["stage"] == "sweep"]})
-    _save_json(args.summary, {"summary": summarize(runs), "bop_hyper": bop_hyper,
+        write_summary(args, bop_hyper)
+    print(json.dumps(write_summary(args, bop_hyper), indent=1))
+
+
+def write_summary(args, bop_hyper):
+    runs = all_runs(args.runs)
+    summary = summarize(runs)
+    _save_json(args.summary, {"summary": summary, "bop_hyper": bop_hyper,
                               "sweep": [x for x in runs if x["stage"] == "sweep"]})
-    print(json.dumps(summarize(runs), indent=1))
+    return summary
 
 
 if __name__ == "__main__":
