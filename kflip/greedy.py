@@ -41,7 +41,6 @@ after the last accepted flip.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Callable
 
