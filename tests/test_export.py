@@ -167,6 +167,21 @@ def _graph_constants(path, dtype):
     return sorted(sizes)
 
 
+def test_exported_graph_compiles_with_xla(exported):
+    # Servers may wrap the signature in an XLA function: the unpacking and the layer
+    # ops must all compile. XLA fuses float arithmetic, so equal up to rounding.
+    for name in ("mlp", "cnn"):
+        _, path, _, x, expected = exported[name]
+        loaded = tf.saved_model.load(path)
+        fn = loaded.signatures["serving_default"]
+        xla = tf.function(lambda t: fn(inputs=t)["output_0"], jit_compile=True)
+        hlo = xla.experimental_get_compiler_ir(tf.constant(x))(stage="hlo")
+        assert "HloModule" in hlo
+        got = xla(tf.constant(x)).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
+
+
 def test_unpacked_export_is_identical_and_larger(exported, tmp_path):
     model, _, packed_report, x, expected = exported["mlp"]
     report = kflip.export(model, str(tmp_path / "float"), packed=False, sample=x)
