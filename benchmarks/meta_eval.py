@@ -125,6 +125,34 @@ def summarize(runs):
     }
 
 
+def init_sweep(path):
+    """Pick the normalised Bop init on meta-training tasks only (no MNIST)."""
+    import itertools
+
+    from kflip import meta_tasks
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    keys = [("mlp-32", "digits", 1), ("mlp-64-64", "digits-proj", 2), ("mlp-128", "teacher", 3),
+            ("mlp-32", "teacher", 4), ("mlp-64-64", "digits-perm", 5)]
+    tasks = [meta_tasks.make_task(f, d, s, 2000) for f, d, s in keys]
+    ev = meta_tasks.Evaluator(1, 0.99, 1e-20)
+    rules = [("raw", 1e-6, 1e-3), ("raw", 1e-7, 1e-4)] + [
+        ("normalized", t, g) for t, g in itertools.product([0.01, 0.03, 0.1, 0.3], [1e-3, 3e-3, 1e-2])
+    ]
+    out = []
+    for kind, thr, gamma in rules:
+        w = kflip.bop_weights(thr, gamma, normalized=kind == "normalized", scale=1.0 if kind == "normalized" else 1e-2)
+        rs = [ev(meta_tasks.flatten(w), t) for t in tasks]
+        out.append({"kind": kind, "threshold": thr, "gamma": gamma,
+                    "meta_loss": float(np.mean([r["meta_loss"] for r in rs])),
+                    "held_out_accuracy": float(np.mean([r["held_out_accuracy"] for r in rs])),
+                    "flip_fraction": float(np.mean([r["flip_fraction"] for r in rs]))})
+        print(json.dumps(out[-1]), flush=True)
+    _save_json(path, {"tasks": keys, "horizon": 2000, "results": out,
+                      "date": datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")})
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="/work/shared/data")
@@ -140,8 +168,12 @@ def main(argv=None):
     p.add_argument("--summary", default=os.path.join(RESULTS, "meta_eval.json"))
     p.add_argument("--order", default="method", choices=["method", "seed"],
                    help="loop order: all seeds of one method first, or one seed of every method first")
+    p.add_argument("--init-sweep", action="store_true",
+                   help="only score Bop inits on meta-training tasks (no MNIST) -> results/meta_init_sweep.json")
     args = p.parse_args(argv)
     os.makedirs(os.path.dirname(args.runs), exist_ok=True)
+    if args.init_sweep:
+        return init_sweep(os.path.join(RESULTS, "meta_init_sweep.json"))
     ds = data.load("mnist", data_dir=args.data_dir)
     runs = _load_runs(args.runs)
     done = {_key(r) for r in runs}
