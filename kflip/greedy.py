@@ -686,11 +686,15 @@ class _LayerSearch:
         return float(_sum64(self.L))
 
     def _capacities(self, b):
-        """Compiled pair capacities for block size b (at most two sizes)."""
+        """Compiled pair capacities for block size b: n * 4**k, up to the cap."""
         top = min(b * self.n, max(self.n, self.pairs_per_block))
         if top <= 8192:  # small problems: one compiled size
             return [top]
-        return sorted({min(top, 2 * self.n), top})  # two compiled sizes (compile is costly)
+        caps, c = [], self.n
+        while c < top:
+            caps.append(c)
+            c *= 4
+        return caps + [top]
 
     def eval_fn(self, b, g, capacity):
         key = (b, g, capacity)
@@ -709,7 +713,7 @@ class _LayerSearch:
 
         Returns None if more (candidate, example) pairs change than ``pairs_per_block``
         allows (the caller splits the block). The pair capacity adapts to the counts
-        seen (at most two compiled sizes per block size).
+        seen (compiled sizes n * 4**k).
         """
         b, g = int(cc.shape[0]), int(ff.shape[1])
         caps = self._capacities(b) if self.next is not None else [0]
