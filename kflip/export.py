@@ -201,7 +201,10 @@ class ServingModule(tf.Module):
             for i, (a, shape, k) in enumerate(zip(stored, shapes, kernels)):
                 c = tf.constant(a, name=f"binary_kernel_{i}")
                 t = unpack_pm1(c, shape) if packed else c
-                tensors.append(tf.cast(t, k.variable.dtype))
+                # What the layer reads from its kernel variable inside its call: the
+                # compute dtype under a mixed-precision policy (AutoCastVariable).
+                dtype = getattr(k.layer, "compute_dtype", None) or k.variable.dtype
+                tensors.append(tf.cast(t, dtype))
             with _substituted(kernels, tensors):
                 y = model(inputs, training=False)
             return {"output_0": y}

@@ -182,6 +182,23 @@ def test_exported_graph_compiles_with_xla(exported):
         np.testing.assert_array_equal(got.argmax(1), expected.argmax(1))
 
 
+def test_mixed_bfloat16_model_exports_identically(tmp_path, digits):
+    policy = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _trained_like(small_cnn())
+        assert model.layers[0].compute_dtype == "bfloat16"
+        x = digits.x_test[:40]
+        report = kflip.export(model, str(tmp_path / "bf16"), sample=x)
+        expected = model(x, training=False).numpy()
+    finally:
+        tf.keras.mixed_precision.set_global_policy(policy)
+    assert report["max_abs_diff"] == 0.0
+    fn = tf.saved_model.load(str(tmp_path / "bf16")).signatures["serving_default"]
+    got = fn(inputs=tf.constant(x))["output_0"].numpy()
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_unpacked_export_is_identical_and_larger(exported, tmp_path):
     model, _, packed_report, x, expected = exported["mlp"]
     report = kflip.export(model, str(tmp_path / "float"), packed=False, sample=x)
