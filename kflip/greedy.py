@@ -36,11 +36,20 @@ that reference (one full forward pass of the probe set per candidate).
 Model variables are only written when a flip is accepted, one ``assign`` per accepted
 candidate; on any exception (including ``KeyboardInterrupt``) the model is left as
 after the last accepted flip.
+
+Distribution: the compiled kernels never capture model variables. Their values are
+read eagerly (``_Network.values``) when a layer's search starts and passed in as
+tensors (``params=``), and accepted kernels are written back with ``var.assign``
+outside the compiled functions, so models whose variables were created under a
+``tf.distribute`` strategy (``MirroredVariable``, ``SyncOnReadVariable``) are searched
+on the current device with the same result as on a single device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 import time
 from typing import Callable
 
@@ -121,6 +130,37 @@ class GreedyReport:
 # --------------------------------------------------------------------------------------
 
 
+_BINDINGS = threading.local()
+
+
+def _read(var):
+    """The value of a model variable inside an op.
+
+    Inside :func:`_bind` (the compiled search kernels) it is the tensor passed in for
+    ``var``; outside it the variable's current value.
+    """
+    stack = getattr(_BINDINGS, "stack", None)
+    if stack:
+        t = stack[-1].get(id(var))
+        if t is None:  # would capture the variable in the compiled function
+            raise RuntimeError(f"greedy: variable {var.name!r} has no bound value.")
+        return t
+    return tf.convert_to_tensor(var)
+
+
+@contextlib.contextmanager
+def _bind(variables, values):
+    """Make :func:`_read` return ``values[i]`` for ``variables[i]`` (used while tracing)."""
+    if len(variables) != len(values):
+        raise RuntimeError(f"greedy: {len(values)} values for {len(variables)} variables.")
+    stack = _BINDINGS.__dict__.setdefault("stack", [])
+    stack.append({id(v): t for v, t in zip(variables, values)})
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
 def _bcast(v, rank):
     """(B,) or (B, k...) parameters -> broadcastable against (B, N, *spatial)."""
     return tf.reshape(v, tf.concat([tf.shape(v)[:1], tf.ones([rank - 1], tf.int32)], 0))
@@ -131,6 +171,10 @@ class _Identity:
 
     def __init__(self, name):
         self.name = name
+
+    def variables(self):
+        """Model variables this op reads (through :func:`_read`)."""
+        return []
 
     def full(self, t):
         return t
@@ -156,11 +200,14 @@ class _Bias(_Identity):
         super().__init__(name)
         self.var = var
 
+    def variables(self):
+        return [self.var]
+
     def full(self, t):
-        return t + tf.convert_to_tensor(self.var)
+        return t + _read(self.var)
 
     def chan(self, t, idx):
-        return t + _bcast(tf.gather(tf.convert_to_tensor(self.var), idx), t.shape.rank)
+        return t + _bcast(tf.gather(_read(self.var), idx), t.shape.rank)
 
 
 class _BatchNorm(_Identity):
@@ -168,14 +215,19 @@ class _BatchNorm(_Identity):
         super().__init__(layer.name)
         self.layer = layer
 
+    def variables(self):
+        bn = self.layer
+        return ([bn.moving_mean, bn.moving_variance] + ([bn.gamma] if bn.scale else [])
+                + ([bn.beta] if bn.center else []))
+
     def _affine(self):
         bn = self.layer
-        inv = tf.math.rsqrt(tf.convert_to_tensor(bn.moving_variance) + bn.epsilon)
+        inv = tf.math.rsqrt(_read(bn.moving_variance) + bn.epsilon)
         if bn.scale:
-            inv = inv * tf.convert_to_tensor(bn.gamma)
-        shift = -tf.convert_to_tensor(bn.moving_mean) * inv
+            inv = inv * _read(bn.gamma)
+        shift = -_read(bn.moving_mean) * inv
         if bn.center:
-            shift = shift + tf.convert_to_tensor(bn.beta)
+            shift = shift + _read(bn.beta)
         return inv, shift
 
     def full(self, t):
@@ -245,6 +297,9 @@ class _Linear(_Identity):
             self.padding = layer.padding.upper()
             self.pad_values = float(getattr(layer, "pad_values", 0.0))
 
+    def variables(self):
+        return [self.var]
+
     @property
     def fan_in(self):
         return int(np.prod(self.kernel_shape[:-1]))
@@ -255,7 +310,7 @@ class _Linear(_Identity):
 
     def kernel(self):
         """The effective kernel as a tensor (quantized), shaped like the variable."""
-        k = tf.convert_to_tensor(self.var)
+        k = _read(self.var)
         return self.quantizer(k) if self.quantizer is not None else k
 
     def _pad(self, t, value):
@@ -452,6 +507,37 @@ class _Network:
                 f"(y_true, y_pred) -> per-example losses, got {loss!r}."
             )
         self.linear = [i for i, op in enumerate(ops) if isinstance(op, _Linear)]
+        self.variables, seen = [], set()
+        for op in ops:
+            for v in op.variables():
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    self.variables.append(v)
+
+    def values(self):
+        """Current values of :attr:`variables`, read eagerly (``params`` of the kernels).
+
+        Under a ``tf.distribute`` strategy this is the cross-replica value on the
+        current device, so the compiled kernels never touch per-replica components.
+        """
+        return tuple(tf.convert_to_tensor(v) for v in self.variables)
+
+    def jit(self, fn):
+        """``fn(*tensors)`` as an XLA-compiled function with an optional ``params=``.
+
+        With ``params=self.values()`` the ops read the model variables from those
+        tensors instead of capturing the variables; without it they read the
+        variables directly (single-device models only).
+        """
+        variables = self.variables
+
+        def kernel(*args, params=None):
+            if params is None:
+                return fn(*args)
+            with _bind(variables, params):
+                return fn(*args)
+
+        return tf.function(kernel, jit_compile=True, autograph=False)
 
     def forward(self, t, start=0, stop=None, override=None):
         """Run ops[start:stop]; ``override`` = (op index, flat (F, C) kernel)."""
@@ -515,9 +601,10 @@ class _LayerSearch:
         self.pairs_per_block = int(pairs_per_block)
         self._eval_fns = {}
         self._cap = {}
-        self._update = tf.function(self._update_impl, jit_compile=True, autograph=False)
-        self._init = tf.function(self._init_impl, jit_compile=True, autograph=False)
-        self._grad = tf.function(self._grad_impl, jit_compile=True, autograph=False)
+        self._update = net.jit(self._update_impl)
+        self._init = net.jit(self._init_impl)
+        self._grad = net.jit(self._grad_impl)
+        self.params = None
 
     # ---- helpers -----------------------------------------------------------------
     def _P(self, X):
@@ -669,8 +756,10 @@ class _LayerSearch:
     # ---- driver-facing API -------------------------------------------------------
     def start(self, Wm):
         """Compute the caches for the current kernel (flat (F, C) tensor)."""
-        self.X, self.P, self.Z, self.A, self.Zn, self.L = self._init(self.x, Wm)
-        X = self.X
+        # the model's variables, read now (outside XLA); the searched kernel itself is
+        # never read from them (it is ``Wm``), so they stay valid for the whole layer
+        self.params = self.net.values()
+        self.X, self.P, self.Z, self.A, self.Zn, self.L = self._init(self.x, Wm, params=self.params)
         if self.A.shape.rank > 2 and (self._post_flatten or (
                 self.next is not None and self.next.kind == "dense" and not self.flat)):
             raise ValueError(
@@ -680,7 +769,7 @@ class _LayerSearch:
         self.Wm = Wm
 
     def gradient(self):
-        return self._grad(self.X, self.Wm)
+        return self._grad(self.X, self.Wm, params=self.params)
 
     def loss_sum(self):
         return float(_sum64(self.L))
@@ -699,12 +788,10 @@ class _LayerSearch:
     def eval_fn(self, b, g, capacity):
         key = (b, g, capacity)
         if key not in self._eval_fns:
-            self._eval_fns[key] = tf.function(
+            self._eval_fns[key] = self.net.jit(
                 lambda P, Z, A, Zn, L, Wm, cc, ff, mm: self._eval_impl(
                     P, Z, A, Zn, L, Wm, cc, ff, mm, capacity
-                ),
-                jit_compile=True,
-                autograph=False,
+                )
             )
         return self._eval_fns[key]
 
@@ -720,7 +807,8 @@ class _LayerSearch:
         cap = self._cap.get(b, caps[-1]) if self.next is not None else 0
         while True:
             fn = self.eval_fn(b, g, cap)
-            delta, naff, count = fn(self.P, self.Z, self.A, self.Zn, self.L, self.Wm, cc, ff, mm)
+            delta, naff, count = fn(self.P, self.Z, self.A, self.Zn, self.L, self.Wm, cc, ff, mm,
+                                    params=self.params)
             if self.next is None:
                 return delta.numpy(), naff.numpy()
             count = int(count)
@@ -737,7 +825,7 @@ class _LayerSearch:
 
     def apply(self, c, ff, mm):
         """New state tensors after flipping (c, ff[mm>0]); does not commit them."""
-        return self._update(self.P, self.Z, self.A, self.Zn, self.Wm, c, ff, mm)
+        return self._update(self.P, self.Z, self.A, self.Zn, self.Wm, c, ff, mm, params=self.params)
 
     def commit(self, state):
         self.Wm, self.Z, self.A, self.Zn, self.L = state
@@ -1164,18 +1252,17 @@ class _Naive:
 
     def __init__(self, net, p, xp, yp):
         self.net, self.p, self.xp, self.yp = net, p, xp, yp
-        self.fn = tf.function(
-            lambda t, yy, Wm: _sum64(net.per_example_loss(net.forward(t, override=(p, Wm)), yy)),
-            jit_compile=True,
-            autograph=False,
+        self.params = net.values()  # kernel p itself is always overridden by ``Wm``
+        self.fn = net.jit(
+            lambda t, yy, Wm: _sum64(net.per_example_loss(net.forward(t, override=(p, Wm)), yy))
         )
 
     def loss_sum(self, Wm):
-        return float(self.fn(self.xp, self.yp, Wm))
+        return float(self.fn(self.xp, self.yp, Wm, params=self.params))
 
     def gradient(self, Wm):
         net, p = self.net, self.p
-        with tf.GradientTape() as tape:
+        with tf.GradientTape() as tape, _bind(net.variables, self.params):
             tape.watch(Wm)
             logits = net.forward(self.xp, override=(p, Wm))
             loss = tf.reduce_mean(net.per_example_loss(logits, self.yp))
