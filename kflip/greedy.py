@@ -523,21 +523,14 @@ class _Network:
         return tuple(tf.convert_to_tensor(v) for v in self.variables)
 
     def jit(self, fn):
-        """``fn(*tensors)`` as an XLA-compiled function with an optional ``params=``.
+        """``fn(*tensors)`` XLA-compiled, reading the model variables from ``params``.
 
-        With ``params=self.values()`` the ops read the model variables from those
-        tensors instead of capturing the variables; without it they read the
-        variables directly (single-device models only).
+        The result is called as ``kernel(*tensors, params=self.values())``; without
+        ``params`` the current values are read first. The variables are never
+        captured by the compiled function.
         """
-        variables = self.variables
+        return _Kernel(self, fn)
 
-        def kernel(*args, params=None):
-            if params is None:
-                return fn(*args)
-            with _bind(variables, params):
-                return fn(*args)
-
-        return tf.function(kernel, jit_compile=True, autograph=False)
 
     def forward(self, t, start=0, stop=None, override=None):
         """Run ops[start:stop]; ``override`` = (op index, flat (F, C) kernel)."""
@@ -563,6 +556,32 @@ class _Network:
         eps = tf.keras.backend.epsilon()
         p = tf.clip_by_value(tf.gather(logits, y, axis=-1, batch_dims=logits.shape.rank - 1), eps, 1 - eps)
         return -tf.math.log(p)
+
+
+class _Kernel:
+    """An XLA-compiled search kernel whose model variables are passed in as tensors."""
+
+    def __init__(self, net, fn):
+        variables = net.variables
+        self.net = net
+
+        def kernel(*args, params):
+            with _bind(variables, params):
+                return fn(*args)
+
+        self.function = tf.function(kernel, jit_compile=True, autograph=False)
+
+    def _params(self, params):
+        return self.net.values() if params is None else params
+
+    def __call__(self, *args, params=None):
+        return self.function(*args, params=self._params(params))
+
+    def get_concrete_function(self, *args, params=None):
+        return self.function.get_concrete_function(*args, params=self._params(params))
+
+    def experimental_get_compiler_ir(self, *args, params=None):
+        return self.function.experimental_get_compiler_ir(*args, params=self._params(params))
 
 
 def _sum64(x, axis=None):
