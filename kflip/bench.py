@@ -521,6 +521,11 @@ def _run(
         "wall_seconds": time.perf_counter() - t_start,
         "state_bytes_per_binary_weight": state_bytes_per_binary_weight(net),
     }
+    if isinstance(opt, FlipLSTM):  # which LSTM weights (the shipped default can change)
+        result["lstm_weights"] = {
+            "hidden_size": int(opt.hidden_size),
+            "metadata": _jsonable(opt.lstm_weights.metadata),
+        }
     return result, net
 
 
