@@ -531,7 +531,6 @@ class _Network:
         """
         return _Kernel(self, fn)
 
-
     def forward(self, t, start=0, stop=None, override=None):
         """Run ops[start:stop]; ``override`` = (op index, flat (F, C) kernel)."""
         stop = len(self.ops) if stop is None else stop
