@@ -87,8 +87,9 @@ def train_one(name, model_name, ds, seed, args):
 def step_times(names, model_name, ds, args, repeats=5, steps=50):
     """Median steady-state XLA train-step time per optimizer, interleaved.
 
-    Returns wall-clock and process-CPU seconds per step; on a shared machine the
-    CPU time is the steadier of the two.
+    Returns the median over all timed steps of wall-clock and process-CPU seconds
+    per step; timing steps one by one lets the median drop steps that were
+    preempted on a shared machine.
     """
     fns = {}
     x = tf.constant(ds.x_train[: args.batch_size])
@@ -103,11 +104,11 @@ def step_times(names, model_name, ds, args, repeats=5, steps=50):
     for _ in range(repeats):
         for name, model in fns.items():
             model.train_on_batch(x, y)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(steps):
+            for _ in range(steps):  # per-step times: the median ignores preempted steps
+                t0, c0 = time.perf_counter(), time.process_time()
                 model.train_on_batch(x, y)
-            times[name].append((time.perf_counter() - t0) / steps)
-            cpu[name].append((time.process_time() - c0) / steps)
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
     med = lambda d: {n: float(np.median(t)) for n, t in d.items()}  # noqa: E731
     return med(times), med(cpu)
 
