@@ -469,10 +469,16 @@ def flip_step(
         flip = _limit_flips(flip, y, max_flips)
     one = tf.ones_like(theta)
     s = tf.where(flip, -one, one)
-    keep = finite[..., None]
-    h_out = tf.where(keep, h_new * s[..., None], h)
-    c_out = tf.where(keep, c_new * s[..., None], c)
+    h_out, c_out = _reframe(s, finite, (h_new, c_new), (h, c))
     return StepOut(s, y, h_out, c_out, v_new, finite)
+
+
+def _reframe(s, finite, new_state, old_state):
+    """New state in the frame of ``theta * s``; the old state where grad was not finite."""
+    keep = finite[..., None]
+    return tuple(
+        tf.where(keep, new * s[..., None], old) for new, old in zip(new_state, old_state)
+    )
 
 
 def _limit_flips(flip, y, max_flips: int):
@@ -529,9 +535,7 @@ def latent_step(
         w_new = tf.clip_by_value(w_new, -clip, clip)
     w_new = tf.where(finite, w_new, w)
     s = sign_pm1(w_new) * theta
-    keep = finite[..., None]
-    h_out = tf.where(keep, h_new * s[..., None], h)
-    c_out = tf.where(keep, c_new * s[..., None], c)
+    h_out, c_out = _reframe(s, finite, (h_new, c_new), (h, c))
     return StepOut(s, y, h_out, c_out, v_new, finite), w_new
 
 
