@@ -19,6 +19,7 @@ from kflip.callbacks import FlipRate  # noqa: E402
 from kflip.greedy import GreedyFlip, greedy_flip  # noqa: E402
 from kflip.cell import LSTMWeights, bop_weights  # noqa: E402
 from kflip.optimizer import FlipLSTM  # noqa: E402
+from kflip import data, models  # noqa: E402
 from kflip import export  # noqa: E402  (callable module: kflip.export(model, path))
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "assert_binary",
     "binary_variables",
     "bop_weights",
+    "data",
     "greedy_flip",
     "export",
     "is_binary_variable",
+    "models",
     "snap_binary_weights",
 ]
