@@ -94,6 +94,17 @@ class Task(NamedTuple):
     kernels: tuple  # initial binary kernels, exactly +-1
     batches: np.ndarray  # [horizon, BATCH_SIZE] int32 indices into the training set
 
+    def unroll_args(self) -> tuple:
+        """The data arguments of the compiled unroll, after the LSTM weight vector."""
+        return (
+            self.x_train,
+            self.y_train,
+            self.x_held_out,
+            self.y_held_out,
+            self.batches,
+            tuple(tf.constant(k) for k in self.kernels),
+        )
+
 
 _DIGITS = None
 
@@ -424,15 +435,7 @@ class Evaluator:
 
     def __call__(self, vec, task: Task) -> dict:
         fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps)
-        r = fn(
-            tf.constant(np.asarray(vec, np.float32)),
-            task.x_train,
-            task.y_train,
-            task.x_held_out,
-            task.y_held_out,
-            task.batches,
-            tuple(tf.constant(k) for k in task.kernels),
-        )
+        r = fn(tf.constant(np.asarray(vec, np.float32)), *task.unroll_args())
         meta = float(r.meta_loss)
         if not math.isfinite(meta):
             meta = 1e3  # a rule that produces NaN is as bad as it gets

@@ -25,17 +25,6 @@ TINY = dict(
 )
 
 
-def _tensors(task):
-    return (
-        task.x_train,
-        task.y_train,
-        task.x_held_out,
-        task.y_held_out,
-        task.batches,
-        tuple(tf.constant(k) for k in task.kernels),
-    )
-
-
 # ---- tasks and the functional networks ---------------------------------------------
 def test_make_task_is_deterministic_and_binary():
     a = meta_tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
@@ -131,7 +120,7 @@ def test_compiled_unroll_equals_eager_flip_step_reference():
     w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
     task = meta_tasks.make_task("mlp-32", "digits", 5, horizon=H)
     fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
-    res = fn(tf.constant(meta_tasks.flatten(w), tf.float32), *_tensors(task))
+    res = fn(tf.constant(meta_tasks.flatten(w), tf.float32), *task.unroll_args())
     kernels, mean_log, flips = _eager_reference(w, task)
     assert flips > 0  # the comparison is not vacuous
     for got, want in zip(res.kernels, kernels):
@@ -143,7 +132,7 @@ def test_unroll_is_xla_compiled_and_learns_with_binary_kernels():
     w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
     task = meta_tasks.make_task("mlp-32", "digits", 1, horizon=H)
     fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
-    args = (tf.constant(meta_tasks.flatten(w), tf.float32),) + _tensors(task)
+    args = (tf.constant(meta_tasks.flatten(w), tf.float32),) + task.unroll_args()
     hlo = fn.experimental_get_compiler_ir(*args)(stage="hlo")
     assert "while" in hlo  # the whole unroll is one XLA computation with a loop
     res = fn(*args)
