@@ -25,10 +25,6 @@ def _var_key(var):
     # Same key the tf_keras legacy optimizer uses for slots (distributed-aware).
     if hasattr(var, "_distributed_container"):
         var = var._distributed_container()
-    elif hasattr(getattr(var, "handle", None), "_distributed_container"):
-        # Under tf.distribute the per-replica components passed to
-        # `_resource_apply_dense` carry their container on the handle tensor.
-        var = var.handle._distributed_container()
     if getattr(var, "_in_graph_mode", False):
         return var._shared_name
     return var._unique_id
