@@ -90,28 +90,36 @@ class MetaConfig:
         path to an ``.npz`` of LSTM weights.
       init_threshold, init_gamma: Bop threshold and momentum rate of the init.
       train_raw_feature: also meta-train the weights reading the raw gradient.
+      train_gate_inputs: also meta-train the input weights of the input, forget and
+        output gates. Off by default: gates that read no input are evaluated once per
+        step (trace-time constants), which keeps FlipLSTM's step as cheap as Bop's.
+      zero_scale: ES scale ``s[i]`` of coordinates that start at 0 (see ``sigma``).
+        1 suits the normalised init; the raw-gradient init lives at the scale of
+        ``scale * threshold`` (~1e-8) and needs a small value.
       val_tasks: number of fixed validation tasks for model selection.
       eval_every: score the mean weights on the validation tasks every this many
         iterations.
       seed: seed of everything.
     """
 
-    iterations: int = 80
+    iterations: int = 8
     pairs: int = 8
     sigma: float = 0.1
-    learning_rate: float = 0.03
-    horizon: int = 3000
-    train_examples: int = 1024
+    learning_rate: float = 0.05
+    horizon: int = 1500
+    train_examples: int = 12288
     hidden_size: int = 1
-    families: tuple = ("mlp-32", "mlp-128", "mlp-64-64")
-    family_weights: tuple = (1.0, 1.0, 1.0)
+    families: tuple = ("mlp784-256-256", "mlp784-512-512")
+    family_weights: tuple = (2.0, 1.0)
     datasets: tuple = meta_tasks.DATASETS
-    init: str = "bop-normalized"
-    init_threshold: float = 0.01
+    init: str = "bop"
+    init_threshold: float = 1e-6
     init_gamma: float = 1e-3
-    train_raw_feature: bool = False
-    val_tasks: int = 8
-    eval_every: int = 5
+    train_raw_feature: bool = True
+    train_gate_inputs: bool = False
+    zero_scale: float = 1e-7
+    val_tasks: int = 6
+    eval_every: int = 4
     seed: int = 0
 
     def __post_init__(self):
@@ -124,7 +132,7 @@ class MetaConfig:
             pos_int(name)
         if self.train_examples < meta_tasks.BATCH_SIZE:
             raise ValueError(f"`train_examples` must be >= {meta_tasks.BATCH_SIZE}, got {self.train_examples}.")
-        for name in ("sigma", "learning_rate"):
+        for name in ("sigma", "learning_rate", "zero_scale"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"`{name}` must be a finite number > 0, got {v!r}.")
@@ -181,13 +189,20 @@ def trainable_mask(config: MetaConfig) -> np.ndarray:
     if not config.train_raw_feature:
         raw = cell_lib.FEATURES.index("theta_grad")
         mask[raw * 4 * h : (raw + 1) * 4 * h] = 0.0  # kernel row of the raw feature
+    if not config.train_gate_inputs:
+        cand = cell_lib.GATES.index("candidate")
+        for f in range(len(cell_lib.FEATURES)):
+            for gate in range(len(cell_lib.GATES)):
+                if gate != cand:
+                    start = f * 4 * h + gate * h
+                    mask[start : start + h] = 0.0
     return mask
 
 
-def coordinate_scales(w0_flat: np.ndarray) -> np.ndarray:
-    """``s[i] = |w0[i]|`` (1 where 0): the natural scale of each LSTM coordinate."""
+def coordinate_scales(w0_flat: np.ndarray, zero_scale: float = 1.0) -> np.ndarray:
+    """``s[i] = |w0[i]|`` (``zero_scale`` where 0): the natural scale of each coordinate."""
     s = np.abs(np.asarray(w0_flat, np.float64))
-    return np.where(s > 0, s, 1.0)
+    return np.where(s > 0, s, float(zero_scale))
 
 
 def centered_ranks(x: np.ndarray) -> np.ndarray:
@@ -369,7 +384,7 @@ def meta_train(
     x0 = meta_tasks.flatten(w0)
     size = len(x0)
     mask = trainable_mask(config)
-    scales = coordinate_scales(x0) * mask
+    scales = coordinate_scales(x0, config.zero_scale) * mask
     val_keys = validation_tasks(config)
 
     state = None
@@ -540,13 +555,13 @@ def _truncate_log(path, iteration):
 
 
 # ---- looking at a rule ---------------------------------------------------------------
-def decision_map(weights: cell_lib.LSTMWeights, features, cells):
+def decision_map(weights: cell_lib.LSTMWeights, features, cells, grad_std: float = 1.0):
     """LSTM output ``y`` for one step from state ``(h, c)``, over a grid.
 
-    ``features``: values of the normalised feature ``theta * g / rms(g)`` (the raw
-    feature is set to the same value, i.e. ``rms(g) = 1``); ``cells``: previous cell
-    state ``c`` (for hidden size 1; extra units start at 0), with ``h = o * tanh(c)``
-    taken at the saturated output gate. Returns ``y`` of shape
+    ``features``: values of the normalised feature ``theta * g / rms(g)``; the raw
+    feature is ``grad_std`` times that value (i.e. ``rms(g) = grad_std``). ``cells``:
+    previous cell state ``c`` (for hidden size 1; extra units start at 0), with
+    ``h = o * tanh(c)`` taken at the bias-only output gate. Returns ``y`` of shape
     ``[len(cells), len(features)]``; the weight flips where ``y < 0``.
     """
     import tensorflow as tf
@@ -560,14 +575,18 @@ def decision_map(weights: cell_lib.LSTMWeights, features, cells):
     c[..., 0] = C
     o = 1.0 / (1.0 + np.exp(-weights.bias[3 * hdim]))
     h = (o * np.tanh(c)).astype(np.float32)
-    y, _, _ = cell_lib.lstm_cell(cell, [tf.constant(X), tf.constant(X)], tf.constant(h), tf.constant(c))
+    raw = tf.constant(X * np.float32(grad_std))
+    y, _, _ = cell_lib.lstm_cell(cell, [raw, tf.constant(X)], tf.constant(h), tf.constant(c))
     return y.numpy()
 
 
-def flip_probability(weights: cell_lib.LSTMWeights, means, steps: int = 1000, trials: int = 2000, seed: int = 0):
+def flip_probability(
+    weights: cell_lib.LSTMWeights, means, steps: int = 1000, trials: int = 2000, seed: int = 0,
+    grad_std: float = 1.0,
+):
     """Probability that a weight flips at least once within ``steps`` steps.
 
-    Gradients are i.i.d. ``N(mean, 1)`` per step in a fixed frame, the weight starts
+    Gradients are i.i.d. ``grad_std * N(mean, 1)`` per step in a fixed frame, the weight starts
     at +1 (so ``mean > 0`` means flipping lowers the loss), and the rule runs exactly
     as in FlipLSTM (:func:`kflip.cell.flip_step`, per-tensor normalisation over the
     ``trials`` coordinates). Returns an array like ``means``.
@@ -580,7 +599,7 @@ def flip_probability(weights: cell_lib.LSTMWeights, means, steps: int = 1000, tr
     @tf.function(jit_compile=True)
     def run(mu, noise):
         def body(t, theta, h, c, v, flipped):
-            g = mu + noise[t]
+            g = grad_std * (mu + noise[t])
             r = cell_lib.flip_step(cell, theta, g, h, c, v, tf.cast(t + 1, tf.float32),
                                    beta=weights.beta, eps=weights.eps)
             return t + 1, theta * r.sign, r.h, r.c, r.v, tf.logical_or(flipped, r.sign < 0)
@@ -595,30 +614,38 @@ def flip_probability(weights: cell_lib.LSTMWeights, means, steps: int = 1000, tr
     return np.array([float(run(tf.constant(mu, tf.float32), noise)) for mu in np.asarray(means)])
 
 
-def plot_rule(rules: dict, path: str, steps: int = 1000, trials: int = 1000) -> None:
+def plot_rule(rules: dict, path: str, steps: int = 1000, trials: int = 1000, grad_std: float = 1.0) -> None:
     """Figure: decision maps (flip where ``y < 0``) and flip probability vs gradient
-    mean, one column per named rule in ``rules`` (name -> LSTMWeights)."""
+    mean, one column per named rule in ``rules`` (name -> LSTMWeights).
+
+    ``grad_std`` is the gradient scale the rules are shown at (it matters for rules
+    that read the raw gradient; e.g. ~1e-3 for the hidden layers of the MNIST MLP).
+    The cell-state axis spans +-5 thresholds (``out_bias / |out_kernel|`` of unit 0).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     feats = np.linspace(-4, 4, 161)
-    cells = np.linspace(-0.05, 0.05, 161)
+    thresholds = [abs(w.out_bias / w.out_kernel[0]) for w in rules.values() if w.out_kernel[0]]
+    span = 5 * max(thresholds) if thresholds and max(thresholds) > 0 else 0.05
+    cells = np.linspace(-span, span, 161)
     means = np.linspace(-0.3, 0.3, 25)
     n = len(rules)
     fig, axes = plt.subplots(1, n + 1, figsize=(4.2 * (n + 1), 3.8))
     for ax, (name, w) in zip(axes, rules.items()):
-        y = decision_map(w, feats, cells)
+        y = decision_map(w, feats, cells, grad_std=grad_std)
         ax.contourf(feats, cells, (y < 0).astype(float), levels=[-0.5, 0.5, 1.5], colors=["#dde8f5", "#d9534f"])
         ax.contour(feats, cells, y, levels=[0.0], colors="k", linewidths=1)
-        ax.set_xlabel("theta * g / rms(g)  (this step)")
+        ax.set_xlabel(f"theta * g / rms(g)  (this step; rms(g) = {grad_std:g})")
         ax.set_ylabel("cell state c (previous step)")
         ax.set_title(f"{name}: flip region (red)")
     ax = axes[-1]
     for name, w in rules.items():
-        ax.plot(means, flip_probability(w, means, steps=steps, trials=trials), marker=".", label=name)
-    ax.set_xlabel("mean of theta0 * g (gradient std 1)")
+        p = flip_probability(w, means, steps=steps, trials=trials, grad_std=grad_std)
+        ax.plot(means, p, marker=".", label=name)
+    ax.set_xlabel(f"mean of theta0 * g / {grad_std:g} (gradient std {grad_std:g})")
     ax.set_ylabel(f"P(flip within {steps} steps)")
     ax.set_title("flip probability under noisy gradients")
     ax.legend(fontsize=8)
@@ -666,7 +693,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--init", default=d.init, help=f"{list(INITS)} or a path to an .npz")
     p.add_argument("--init-threshold", type=float, default=d.init_threshold)
     p.add_argument("--init-gamma", type=float, default=d.init_gamma)
-    p.add_argument("--train-raw-feature", action="store_true")
+    p.add_argument("--train-raw-feature", action=argparse.BooleanOptionalAction, default=d.train_raw_feature)
+    p.add_argument("--train-gate-inputs", action=argparse.BooleanOptionalAction, default=d.train_gate_inputs,
+                   help="meta-train the input weights of the input/forget/output gates")
+    p.add_argument("--zero-scale", type=float, default=d.zero_scale,
+                   help="ES scale of the coordinates that start at 0")
     p.add_argument("--val-tasks", type=int, default=d.val_tasks)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -689,6 +720,8 @@ def config_from_args(args) -> MetaConfig:
         init_threshold=args.init_threshold,
         init_gamma=args.init_gamma,
         train_raw_feature=args.train_raw_feature,
+        train_gate_inputs=args.train_gate_inputs,
+        zero_scale=args.zero_scale,
         val_tasks=args.val_tasks,
         eval_every=args.eval_every,
         seed=args.seed,

@@ -44,6 +44,7 @@ from kflip import cell as cell_lib  # noqa: E402
 N_TRAIN = 1024
 N_HELD_OUT = 512
 N_FEATURES = 64
+IMAGE28 = 28
 N_CLASSES = 10
 BATCH_SIZE = 64
 BN_EPS = 1e-3  # tf.keras BatchNormalization default
@@ -60,10 +61,11 @@ class Family:
     kind: str
     hidden: tuple = ()
     filters: tuple = ()
+    inputs: int = N_FEATURES  # 64 (8x8 images) or 784 (28x28, MNIST-sized MLPs)
 
     def kernel_shapes(self) -> list:
         if self.kind == "mlp":
-            dims = (N_FEATURES,) + tuple(self.hidden) + (N_CLASSES,)
+            dims = (self.inputs,) + tuple(self.hidden) + (N_CLASSES,)
             return [(a, b) for a, b in zip(dims[:-1], dims[1:])]
         f1, f2 = self.filters
         # conv 3x3 "same" on 8x8 -> conv 3x3 "valid" -> 6x6 -> dense
@@ -77,6 +79,10 @@ FAMILIES = {
         Family("mlp-128", "mlp", hidden=(128,)),
         Family("mlp-64-64", "mlp", hidden=(64, 64)),
         Family("cnn-8-8", "cnn", filters=(8, 8)),
+        # MNIST-sized: 28x28 inputs (digits upscaled, or 784-d teacher data), the
+        # widths of kflip.models.mlp, so raw gradient scales match that model's
+        Family("mlp784-256-256", "mlp", hidden=(256, 256), inputs=IMAGE28**2),
+        Family("mlp784-512-512", "mlp", hidden=(512, 512), inputs=IMAGE28**2),
     )
 }
 
@@ -87,7 +93,7 @@ class Task(NamedTuple):
     family: str
     dataset: str
     seed: int
-    x_train: np.ndarray  # [N_TRAIN, 64] float32
+    x_train: np.ndarray  # [n_train, family.inputs] float32
     y_train: np.ndarray  # [N_TRAIN] int32
     x_held_out: np.ndarray  # [N_HELD_OUT, 64]
     y_held_out: np.ndarray
@@ -135,6 +141,23 @@ def _augment(x, rng):
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
+def _render28(x, rng, noise):
+    """8x8 digits -> 28x28: 3x nearest upscaling, a 3x3 box blur (strokes look like
+    MNIST's), pasted at a random offset (0-4 px per axis) on a -1 background, plus
+    Gaussian noise of std ``noise``."""
+    img = np.kron(x.reshape(-1, 8, 8), np.ones((3, 3), np.float32))
+    pad = np.pad(img, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    img = sum(pad[:, i : i + 24, j : j + 24] for i in range(3) for j in range(3)) / 9.0
+    out = np.full((len(x), IMAGE28, IMAGE28), -1.0, np.float32)
+    dy, dx = rng.randint(0, 5, size=(2, len(x)))
+    for k in range(len(x)):
+        out[k, dy[k] : dy[k] + 24, dx[k] : dx[k] + 24] = img[k]
+    out = out.reshape(len(x), -1)
+    if noise:
+        out = out + noise * rng.randn(*out.shape).astype(np.float32)
+    return np.clip(out, -1.0, 1.0).astype(np.float32)
+
+
 def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int = N_TRAIN) -> Task:
     """Build task ``(family, dataset, seed)`` deterministically (numpy only).
 
@@ -150,9 +173,10 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
         raise ValueError(f"`n_train` must be an int >= {BATCH_SIZE}, got {n_train!r}.")
     rng = np.random.RandomState(seed % (2**32))
     n = n_train + N_HELD_OUT
+    d = FAMILIES[family].inputs
     if dataset == "teacher":
-        x = rng.randn(n, N_FEATURES).astype(np.float32)
-        w1 = np.sign(rng.randn(N_FEATURES, 32))
+        x = rng.randn(n, d).astype(np.float32)
+        w1 = np.sign(rng.randn(d, 32))
         w2 = np.sign(rng.randn(32, N_CLASSES))
         hid = np.sign(x @ w1 + 1e-6)
         y = np.argmax(hid @ w2 + 1e-3 * rng.randn(n, N_CLASSES), axis=1).astype(np.int32)
@@ -166,14 +190,19 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
             perm = rng.permutation(len(xd))
             held, rest = perm[:N_HELD_OUT], perm[N_HELD_OUT:]
             pick = rest[rng.randint(0, len(rest), size=n_train)]
-            x = np.concatenate([_augment(xd[pick], rng), xd[held]])
+            if d == N_FEATURES:
+                x = np.concatenate([_augment(xd[pick], rng), xd[held]])
+            else:
+                x = np.concatenate([_render28(xd[pick], rng, 0.2), _render28(xd[held], rng, 0.0)])
             y = np.concatenate([yd[pick], yd[held]])
+        if d != x.shape[1]:
+            x = _render28(x, rng, 0.0)
         if dataset == "digits-proj":
-            q, _ = np.linalg.qr(rng.randn(N_FEATURES, N_FEATURES))
+            q, _ = np.linalg.qr(rng.randn(d, d))
             x = np.clip(x @ q.astype(np.float32), -1.0, 1.0)
         elif dataset == "digits-perm":
-            perm = rng.permutation(N_FEATURES)
-            flip = np.where(rng.rand(N_FEATURES) < 0.5, -1.0, 1.0).astype(np.float32)
+            perm = rng.permutation(d)
+            flip = np.where(rng.rand(d) < 0.5, -1.0, 1.0).astype(np.float32)
             x = x[:, perm] * flip
     kernels = tuple(
         np.where(rng.rand(*s) < 0.5, -1.0, 1.0).astype(np.float32)
@@ -208,7 +237,7 @@ def _batch_norm(z, offset, axes):
 
 
 def forward(family: Family, kernels: Sequence[tf.Tensor], offsets, x):
-    """Logits (BatchNorm output, batch statistics) of ``family`` on ``x`` [B, 64]."""
+    """Logits (BatchNorm output, batch statistics) of ``family`` on ``x`` [B, family.inputs]."""
     if family.kind == "mlp":
         a = x
         for i, (w, b) in enumerate(zip(kernels, offsets)):

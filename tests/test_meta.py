@@ -54,6 +54,23 @@ def test_make_task_augments_digits_beyond_their_size():
         meta_tasks.make_task("mlp-32", "digits", 2, horizon=1, n_train=10)
 
 
+def test_mnist_sized_families_render_digits_at_28x28():
+    t = meta_tasks.make_task("mlp784-256-256", "digits", 5, horizon=30, n_train=2048)
+    assert t.x_train.shape == (2048, 784) and t.x_held_out.shape == (512, 784)
+    assert [k.shape for k in t.kernels] == [(784, 256), (256, 256), (256, 10)]
+    assert np.all(np.abs(t.x_train) <= 1.0)
+    img = t.x_held_out.reshape(-1, 28, 28)
+    # the upscaled 24x24 digit sits on a -1 background: two borders rows always blank
+    blank = (img == -1.0).all(axis=2)
+    assert (blank.sum(1) >= 4).all()
+    # every dataset variant and the teacher build at 784 inputs, deterministically
+    for ds in meta_tasks.DATASETS:
+        a = meta_tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
+        b = meta_tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
+        assert a.x_train.shape == (256, 784)
+        np.testing.assert_array_equal(a.x_train, b.x_train)
+
+
 def test_functional_mlp_matches_keras_mlp():
     """The inner network is the same function as kflip.models.mlp in training mode."""
     task = meta_tasks.make_task("mlp-32", "digits", 0, horizon=1)
@@ -192,14 +209,30 @@ def test_centered_ranks():
 
 
 def test_mask_freezes_raw_feature_and_scales():
-    cfg = meta.MetaConfig(hidden_size=1)
+    cfg = meta.MetaConfig(hidden_size=1, train_raw_feature=False, train_gate_inputs=True)
     mask = meta.trainable_mask(cfg)
     assert mask.shape == (meta_tasks.num_params(1),)
     np.testing.assert_array_equal(mask[:4], 0)  # kernel row of theta_grad
     assert mask[4:].all()
-    assert meta.trainable_mask(meta.MetaConfig(train_raw_feature=True)).all()
+    assert meta.trainable_mask(
+        meta.MetaConfig(train_raw_feature=True, train_gate_inputs=True)
+    ).all()
     s = meta.coordinate_scales(np.array([0.0, -2.0, 0.01]))
     np.testing.assert_allclose(s, [1.0, 2.0, 0.01])
+    s = meta.coordinate_scales(np.array([0.0, -2.0, 0.01]), zero_scale=1e-7)
+    np.testing.assert_allclose(s, [1e-7, 2.0, 0.01])
+
+
+def test_mask_freezes_gate_inputs_but_not_the_candidate():
+    h = 2
+    cfg = meta.MetaConfig(hidden_size=h, train_raw_feature=True, train_gate_inputs=False)
+    w = meta_tasks.unflatten(meta.trainable_mask(cfg), h)
+    cand = cell_lib.GATES.index("candidate")
+    expected = np.zeros((len(cell_lib.FEATURES), 4 * h))
+    expected[:, cand * h : (cand + 1) * h] = 1.0
+    np.testing.assert_array_equal(w.kernel, expected)
+    # everything that is not an input weight stays trainable
+    assert w.recurrent.all() and w.bias.all() and w.out_kernel.all() and w.out_bias == 1.0
 
 
 @pytest.mark.parametrize(
@@ -208,7 +241,8 @@ def test_mask_freezes_raw_feature_and_scales():
         (dict(pairs=0), "pairs"),
         (dict(sigma=-1.0), "sigma"),
         (dict(families=("nope",)), "families"),
-        (dict(family_weights=(1.0, 2.0)), "family_weights"),
+        (dict(family_weights=(1.0, 2.0, 3.0)), "family_weights"),
+        (dict(zero_scale=0.0), "zero_scale"),
         (dict(datasets=("mnist",)), "datasets"),
         (dict(init="no/such/file"), "init"),
         (dict(init_gamma=1.5), "init_gamma"),
@@ -266,9 +300,14 @@ def test_meta_train_output_log_and_flip_lstm_loads_it(tiny_run):
     assert [x["iteration"] for x in lines] == [1, 2]
     # the output is the best validated mean (iteration 0 = init included)
     assert m["best_val_meta_loss"] == min(e["val_meta_loss"] for e in m["val_curve"])
-    # the raw-gradient kernel row stayed frozen at the init's values
-    init = meta.initial_weights(meta.MetaConfig(**TINY))
-    np.testing.assert_array_equal(w.kernel[0], init.kernel[0])
+    # the frozen coordinates (by default: the gates' input weights) kept the init's
+    # values, the trainable ones moved
+    cfg = meta.MetaConfig(**TINY)
+    mask = meta.trainable_mask(cfg)
+    assert 0 < mask.sum() < mask.size
+    init, got = meta_tasks.flatten(meta.initial_weights(cfg)), meta_tasks.flatten(w)
+    np.testing.assert_array_equal(got[mask == 0], init[mask == 0])
+    assert not np.array_equal(got[mask == 1], init[mask == 1])
     opt = kflip.FlipLSTM(weights=str(d / "w.npz"))
     np.testing.assert_allclose(opt.lstm_weights.kernel, w.kernel)
 
@@ -319,3 +358,22 @@ def test_cli_add_arguments_and_run(tiny_run, tmp_path):
     lines = (tmp_path / "cli.log.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert json.loads((tmp_path / "cli.ckpt.json").read_text())["iteration"] == 2
+
+
+# ---- looking at a rule -----------------------------------------------------------------
+def test_decision_map_of_bop_weights_is_bops_threshold_rule():
+    thr, gamma, s = 1e-6, 1e-3, 1e-3  # raw-gradient Bop, gradients of rms 1e-3
+    w = kflip.bop_weights(thr, gamma)
+    feats = np.linspace(-4, 4, 41)
+    cells = np.linspace(-5, 5, 41) * 0.01 * thr  # c = scale * theta * m
+    y = meta.decision_map(w, feats, cells, grad_std=s)
+    X, C = np.meshgrid(feats, cells)
+    m_new = ((1 - gamma) * C + gamma * 0.01 * X * s) / 0.01  # Bop momentum, weight frame
+    margin = np.abs(m_new - thr) > 0.05 * thr  # away from the boundary (tanh, float32)
+    np.testing.assert_array_equal((y < 0)[margin], (m_new > thr)[margin])
+
+
+def test_flip_probability_rises_with_the_evidence_for_flipping():
+    w = kflip.bop_weights(1e-6, 1e-3)
+    p = meta.flip_probability(w, [-0.3, 0.0, 0.3], steps=300, trials=200, grad_std=1e-3)
+    assert p[0] <= p[1] <= p[2] and p[2] > p[0]
