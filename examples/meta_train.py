@@ -24,7 +24,8 @@ def main():
     args = p.parse_args()
 
     config = kflip.meta.MetaConfig(
-        iterations=args.iterations, pairs=4, horizon=500, val_tasks=4, eval_every=5,
+        iterations=args.iterations, pairs=4, horizon=500, train_examples=1024,
+        val_tasks=4, eval_every=5,
         families=("mlp-32", "mlp-64-64"), family_weights=(1.0, 1.0),
     )
     weights = kflip.meta.meta_train(config, out=args.out, workers=args.workers, quiet=False)

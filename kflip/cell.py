@@ -355,7 +355,10 @@ def lstm_cell(
         for f, x in enumerate(features):
             z = _madd(z, x, _coef(cell.kernel, f, col))
         for j, hj in enumerate(hs):
-            z = _madd(z, hj, _coef(cell.recurrent, j, col))
+            w = _coef(cell.recurrent, j, col)
+            if _absorbed(z, w):
+                continue
+            z = _madd(z, hj, w)
         return z
 
     h_list, c_list, y = [], [], _coef(cell.out_bias)
@@ -381,6 +384,19 @@ def _coef(a, *idx):
     if isinstance(a, np.ndarray):
         return float(a[idx]) if idx else float(a)
     return a[idx] if idx else a
+
+
+def _absorbed(z, w) -> bool:
+    """True when ``z + h * w`` rounds to ``z`` in float32 for every ``|h| <= 1``.
+
+    Both are trace-time constants and ``|h| = |o * tanh(c)| < 1``, so if ``|w|`` is below
+    half a float32 ulp of ``z`` the term cannot change the sum: dropping it is exact,
+    and a gate that reads no features stays a constant evaluated once, in Python.
+    """
+    if not (isinstance(z, float) and isinstance(w, float)) or w == 0.0:
+        return False
+    z32 = np.float32(z)
+    return z32 != 0 and abs(w) < 0.5 * float(np.spacing(np.abs(z32)))
 
 
 def _madd(z, x, w):

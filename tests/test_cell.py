@@ -47,6 +47,35 @@ def test_lstm_cell_matches_numpy_reference(constant):
     np.testing.assert_allclose(c1.numpy(), rc, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_recurrent_weights_below_half_an_ulp_are_dropped_exactly(jit):
+    """Input-free gates with recurrent weights too small to change the float32 sum
+    are trace-time constants; eagerly the result is bit-identical to the full cell."""
+    w = kflip.bop_weights(1e-7, 1e-4)
+    rec = np.array([[2e-8, -3e-8, 1.5e-8, 4e-8]], np.float32)  # |rec| < ulp(bias)/2 except c~
+    w = kflip.LSTMWeights(w.kernel, rec, w.bias, w.out_kernel, w.out_bias)
+    assert [C._absorbed(float(w.bias[g]), float(rec[0, g])) for g in range(4)] == [True, True, False, True]
+    rng = np.random.RandomState(0)
+    x = tf.constant(rng.randn(1000).astype(np.float32) * 1e-4)
+    c = tf.constant(rng.randn(1000, 1).astype(np.float32) * 1e-6)
+    h = tf.constant(np.tanh(c.numpy()) * rng.choice([-1.0, 1.0], size=(1000, 1)).astype(np.float32))
+
+    def run(cell):
+        f = lambda: C.lstm_cell(cell, [x, x * 1e3], h, c)  # noqa: E731
+        return tf.function(f, jit_compile=True)() if jit else f()
+
+    const = C.CellTensors.from_weights(w, constant=True)
+    graph = tf.function(lambda: C.lstm_cell(const, [x, x * 1e3], h, c)).get_concrete_function().graph
+    assert not [op for op in graph.get_operations() if op.type == "Sigmoid"]  # i, f, o folded
+    got = run(const)
+    want = run(C.CellTensors.from_weights(w, constant=False))
+    for a, b in zip(got, want):
+        if jit:  # XLA's float32 sigmoid vs the gate constant folded in float64: ulps
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-13)
+        else:
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_flip_step_flips_iff_output_negative_and_reframes_state():
     w = _random_weights(hidden=1, seed=3)
     cell = C.CellTensors.from_weights(w)
