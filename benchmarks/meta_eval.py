@@ -14,7 +14,7 @@ so the benchmark can be interrupted and restarted: runs already present are skip
 ``--summary`` gets mean/std per (model, method).
 
     nohup python benchmarks/meta_eval.py --sweep --flip analytic=analytic \
-        --flip learned=kflip/weights/learned.npz > /tmp/meta_eval.log 2>&1 &
+        --flip learned=kflip/weights/default.npz > /tmp/meta_eval.log 2>&1 &
 """
 
 from __future__ import annotations

@@ -377,3 +377,15 @@ def test_flip_probability_rises_with_the_evidence_for_flipping():
     w = kflip.bop_weights(1e-6, 1e-3)
     p = meta.flip_probability(w, [-0.3, 0.0, 0.3], steps=300, trials=200, grad_std=1e-3)
     assert p[0] <= p[1] <= p[2] and p[2] > p[0]
+
+
+def test_shipped_default_weights_come_from_the_default_meta_training_run():
+    """kflip/weights/default.* is the output of `kflip meta-train --seed 0` with the
+    defaults of this version (so re-running that command reproduces it)."""
+    w = cell_lib.load_weights(None)
+    assert w.metadata["learned"] is True
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in w.metadata["config"].items()}
+    assert meta.MetaConfig(**cfg) == meta.MetaConfig()
+    assert "mnist" not in json.dumps(w.metadata["data"]["datasets"]).lower()
+    # the output is the best validated iterate, and it beat the analytic init there
+    assert w.metadata["best_val_meta_loss"] < w.metadata["init_val_meta_loss"]
