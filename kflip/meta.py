@@ -186,16 +186,12 @@ def trainable_mask(config: MetaConfig) -> np.ndarray:
     """1 for meta-trained coordinates of the flat vector, 0 for frozen ones."""
     h = config.hidden_size
     mask = np.ones(meta_tasks.num_params(h))
+    kernel = mask[: len(cell_lib.FEATURES) * 4 * h].reshape(len(cell_lib.FEATURES), 4, h)  # a view
     if not config.train_raw_feature:
-        raw = cell_lib.FEATURES.index("theta_grad")
-        mask[raw * 4 * h : (raw + 1) * 4 * h] = 0.0  # kernel row of the raw feature
-    if not config.train_gate_inputs:
+        kernel[cell_lib.FEATURES.index("theta_grad")] = 0.0  # kernel row of the raw feature
+    if not config.train_gate_inputs:  # only the candidate reads the features
         cand = cell_lib.GATES.index("candidate")
-        for f in range(len(cell_lib.FEATURES)):
-            for gate in range(len(cell_lib.GATES)):
-                if gate != cand:
-                    start = f * 4 * h + gate * h
-                    mask[start : start + h] = 0.0
+        kernel[:, [g for g in range(len(cell_lib.GATES)) if g != cand]] = 0.0
     return mask
 
 

@@ -94,8 +94,8 @@ class Task(NamedTuple):
     dataset: str
     seed: int
     x_train: np.ndarray  # [n_train, family.inputs] float32
-    y_train: np.ndarray  # [N_TRAIN] int32
-    x_held_out: np.ndarray  # [N_HELD_OUT, 64]
+    y_train: np.ndarray  # [n_train] int32
+    x_held_out: np.ndarray  # [N_HELD_OUT, family.inputs]
     y_held_out: np.ndarray
     kernels: tuple  # initial binary kernels, exactly +-1
     batches: np.ndarray  # [horizon, BATCH_SIZE] int32 indices into the training set
@@ -186,6 +186,8 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
         if n <= len(xd):
             idx = rng.permutation(len(xd))[:n]
             x, y = xd[idx], yd[idx]
+            if d != N_FEATURES:
+                x = _render28(x, rng, 0.0)
         else:  # held-out: distinct real images; training: augmented resamples of the rest
             perm = rng.permutation(len(xd))
             held, rest = perm[:N_HELD_OUT], perm[N_HELD_OUT:]
@@ -195,8 +197,6 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
             else:
                 x = np.concatenate([_render28(xd[pick], rng, 0.2), _render28(xd[held], rng, 0.0)])
             y = np.concatenate([yd[pick], yd[held]])
-        if d != x.shape[1]:
-            x = _render28(x, rng, 0.0)
         if dataset == "digits-proj":
             q, _ = np.linalg.qr(rng.randn(d, d))
             x = np.clip(x @ q.astype(np.float32), -1.0, 1.0)
