@@ -33,10 +33,12 @@ import dataclasses
 import json
 import math
 import os
+import zipfile
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from kflip import _checks as checks
 from kflip import _keras
 
 _keras.select_keras2()
@@ -80,27 +82,34 @@ class LSTMWeights:
         object.__setattr__(self, "recurrent", f(self.recurrent))
         object.__setattr__(self, "bias", f(self.bias))
         object.__setattr__(self, "out_kernel", f(self.out_kernel))
-        object.__setattr__(self, "out_bias", float(self.out_bias))
-        h = self.out_kernel.shape[0] if self.out_kernel.ndim == 1 else -1
+        if self.out_kernel.ndim != 1 or self.out_kernel.shape[0] < 1:
+            raise ValueError(
+                f"LSTM weights: `out_kernel` has shape {self.out_kernel.shape}, expected "
+                "(H,) with hidden size H >= 1."
+            )
+        h = self.out_kernel.shape[0]
         expected = {
             "kernel": (len(FEATURES), 4 * h),
             "recurrent": (h, 4 * h),
             "bias": (4 * h,),
-            "out_kernel": (h,),
         }
         for name, shape in expected.items():
             if getattr(self, name).shape != shape:
                 raise ValueError(
                     f"LSTM weights: `{name}` has shape {getattr(self, name).shape}, "
-                    f"expected {shape} for {len(FEATURES)} features and hidden size {h}."
+                    f"expected {shape} for {len(FEATURES)} features and hidden size {h} "
+                    "(from `out_kernel`)."
                 )
         for name in ("kernel", "recurrent", "bias", "out_kernel"):
             if not np.all(np.isfinite(getattr(self, name))):
                 raise ValueError(f"LSTM weights: `{name}` contains NaN or Inf.")
-        if not 0.0 <= self.beta < 1.0:
-            raise ValueError(f"LSTM weights: `beta` must be in [0, 1), got {self.beta}.")
-        if not self.eps > 0.0:
-            raise ValueError(f"LSTM weights: `eps` must be > 0, got {self.eps}.")
+        object.__setattr__(self, "out_bias", checks.number("out_bias", self.out_bias))
+        beta = checks.number("beta", self.beta, low=0.0, high=1.0)
+        if beta == 1.0:
+            raise ValueError(f"LSTM weights: `beta` must be in [0, 1), got {beta}.")
+        object.__setattr__(self, "beta", beta)
+        eps = checks.number("eps", self.eps, low=0.0, low_open=True)
+        object.__setattr__(self, "eps", eps)
 
     @property
     def hidden_size(self) -> int:
@@ -119,7 +128,7 @@ class LSTMWeights:
         if hidden_size < h:
             raise ValueError(
                 f"`hidden_size`={hidden_size} is smaller than the hidden size {h} of the "
-                "LSTM weights; pick hidden_size >= {h} or other weights."
+                f"LSTM weights; pick hidden_size >= {h} or other weights."
             )
 
         def pad_gates(a, rows):
@@ -198,12 +207,14 @@ class LSTMWeights:
                 f"`weights`: no LSTM weights file at {npz!r} (expected an .npz written "
                 "by `kflip meta-train` or `LSTMWeights.save`)."
             )
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _read_npz(npz)
         meta = {}
         if os.path.exists(stem + ".json"):
-            with open(stem + ".json") as fh:
-                meta = json.load(fh)
+            try:
+                with open(stem + ".json") as fh:
+                    meta = json.load(fh)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"`weights`: {stem}.json is not valid JSON ({e}).") from e
             if meta.get("format", FORMAT) != FORMAT:
                 raise ValueError(
                     f"`weights`: {stem}.json has format {meta.get('format')!r}; "
@@ -216,16 +227,40 @@ class LSTMWeights:
                 )
         for key in ("format", "features", "gates", "hidden_size"):
             meta.pop(key, None)
-        return cls(
-            kernel=arrays["kernel"],
-            recurrent=arrays["recurrent"],
-            bias=arrays["bias"],
-            out_kernel=arrays["out_kernel"],
-            out_bias=float(arrays["out_bias"]),
-            beta=float(arrays.get("beta", 0.99)),
-            eps=float(arrays.get("eps", 1e-20)),
-            metadata=meta,
+        try:
+            return cls(
+                kernel=arrays["kernel"],
+                recurrent=arrays["recurrent"],
+                bias=arrays["bias"],
+                out_kernel=arrays["out_kernel"],
+                out_bias=arrays["out_bias"],
+                beta=arrays.get("beta", 0.99),
+                eps=arrays.get("eps", 1e-20),
+                metadata=meta,
+            )
+        except ValueError as e:
+            raise ValueError(f"`weights` file {npz!r}: {e}") from e
+
+
+_REQUIRED = ("kernel", "recurrent", "bias", "out_kernel", "out_bias")
+
+
+def _read_npz(npz: str) -> dict:
+    """The arrays of an LSTM weights ``.npz``; a ValueError naming the file if unreadable."""
+    if os.path.isdir(npz) or not zipfile.is_zipfile(npz):
+        raise ValueError(
+            f"`weights` file {npz!r} is not an .npz archive (expected one written by "
+            "`kflip meta-train` or `LSTMWeights.save`)."
         )
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"`weights` file {npz!r} cannot be read: {e}") from e
+    missing = [k for k in _REQUIRED if k not in arrays]
+    if missing:
+        raise ValueError(f"`weights` file {npz!r} has no array {missing[0]!r}.")
+    return arrays
 
 
 def _logit(p: float) -> float:
@@ -449,7 +484,11 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     finite = tf.math.is_finite(grad)
     g = tf.where(finite, grad, tf.zeros_like(grad))
     mean_sq = fast_sum(tf.square(g)) / float(max(g.shape.num_elements() or 1, 1))
-    v_new = beta * v + (1.0 - beta) * mean_sq
+    # A finite spike whose square overflows would pin ``v`` at +inf for good (every
+    # later feature 1 would be 0): such a step is skipped like a non-finite gradient.
+    overflow = tf.logical_not(tf.math.is_finite(mean_sq))
+    finite = tf.logical_and(finite, tf.logical_not(overflow))
+    v_new = tf.where(overflow, v, beta * v + (1.0 - beta) * mean_sq)
     v_hat = v_new / (1.0 - tf.pow(tf.constant(beta, g.dtype), tf.cast(step, g.dtype)))
     tg = theta * g
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
@@ -476,7 +515,7 @@ def flip_step(
     nothing flips and the state is left as it was.
 
     ``max_flips``: if set, at most this many coordinates flip (those with the most
-    negative ``y``; ties at the cut may add a few).
+    negative ``y``; ties at the cut go to the lower index).
     """
     feats, v_new, finite = features_and_moment(theta, grad, v, step, beta, eps)
     y, h_new, c_new = lstm_cell(cell, feats, h, c)
@@ -505,8 +544,11 @@ def _limit_flips(flip, y, max_flips: int):
     def cut():
         neg_inf = tf.fill(tf.shape(flat_flip), tf.constant(-np.inf, y.dtype))
         score = tf.where(flat_flip, -tf.reshape(y, [-1]), neg_inf)
-        kth = tf.math.top_k(score, k=k, sorted=True).values[k - 1]
-        return tf.logical_and(flip, -y >= kth)
+        # Exactly k winners, ties broken by index (top_k is stable), never more.
+        winners = tf.math.top_k(score, k=k, sorted=True).indices
+        ones = tf.ones([k], y.dtype)
+        keep = tf.scatter_nd(winners[:, None], ones, tf.shape(flat_flip)) > 0
+        return tf.reshape(keep, tf.shape(flip))
 
     too_many = tf.reduce_sum(tf.cast(flat_flip, tf.int32)) > k
     return tf.cond(too_many, cut, lambda: flip)

@@ -11,6 +11,7 @@ _keras.select_keras2()
 import larq as lq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from kflip import _checks as checks  # noqa: E402
 from kflip import cell as cell_lib  # noqa: E402
 from kflip.binary import is_binary_variable  # noqa: E402
 
@@ -38,8 +39,10 @@ def _float_optimizer(identifier):
     if isinstance(identifier, (str, dict)):
         try:
             opt = tf.keras.optimizers.get(identifier, use_legacy_optimizer=True)
-        except ValueError as e:
-            raise ValueError(f"`float_optimizer`: {e}") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"`float_optimizer`: cannot build an optimizer from {identifier!r} ({e!r})."
+            ) from e
         if isinstance(opt, Optimizer):
             return opt
     raise ValueError(
@@ -47,6 +50,15 @@ def _float_optimizer(identifier):
         "`tf.keras.optimizers.legacy.Adam(0.01)`), its name or its config dict; got "
         f"{identifier!r}."
     )
+
+
+def _hyper(name, value, **bounds):
+    """A number checked against ``bounds``, or a ``LearningRateSchedule`` as it is."""
+    if isinstance(value, tf.keras.optimizers.schedules.LearningRateSchedule) or callable(
+        value
+    ):
+        return value
+    return checks.number(name, value, **bounds)
 
 
 def _check_binary_pair(grad, var):
@@ -123,32 +135,20 @@ class FlipLSTM(Optimizer):
         super().__init__(name=name, **kwargs)
         if output not in _OUTPUTS:
             raise ValueError(f"`output` must be one of {_OUTPUTS}, got {output!r}.")
-        if max_flip_rate is not None and not (0.0 < float(max_flip_rate) <= 1.0):
-            raise ValueError(
-                f"`max_flip_rate` must be in (0, 1] or None, got {max_flip_rate!r}."
+        flip_threshold = _hyper("flip_threshold", flip_threshold, low=0.0)
+        learning_rate = _hyper("learning_rate", learning_rate, low=0.0, low_open=True)
+        if max_flip_rate is not None:
+            max_flip_rate = checks.number(
+                "max_flip_rate", max_flip_rate, low=0.0, high=1.0, low_open=True
             )
-        if isinstance(flip_threshold, (int, float)) and not (
-            math.isfinite(flip_threshold) and flip_threshold >= 0
-        ):
-            raise ValueError(
-                f"`flip_threshold` must be a finite number >= 0, got {flip_threshold!r}."
-            )
-        if isinstance(learning_rate, (int, float)) and not (
-            math.isfinite(learning_rate) and learning_rate > 0
-        ):
-            raise ValueError(f"`learning_rate` must be > 0, got {learning_rate!r}.")
-        if latent_clip is not None and not latent_clip > 0:
-            raise ValueError(f"`latent_clip` must be > 0 or None, got {latent_clip!r}.")
+        if latent_clip is not None:
+            latent_clip = checks.number("latent_clip", latent_clip, low=0.0, low_open=True)
         lstm = cell_lib.load_weights(weights)
         if hidden_size is not None:
-            if not isinstance(hidden_size, int) or hidden_size < 1:
-                raise ValueError(
-                    f"`hidden_size` must be a positive int, got {hidden_size!r}."
-                )
-            lstm = lstm.padded(hidden_size)
+            lstm = lstm.padded(checks.positive_int("hidden_size", hidden_size))
         self.lstm_weights = lstm
         self.output = output
-        self.max_flip_rate = None if max_flip_rate is None else float(max_flip_rate)
+        self.max_flip_rate = max_flip_rate
         self.latent_clip = latent_clip
         self._set_hyper("flip_threshold", flip_threshold)
         self._set_hyper("learning_rate", learning_rate)
