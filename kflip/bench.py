@@ -47,7 +47,7 @@ from kflip import models as models_lib  # noqa: E402
 from kflip._version import __version__  # noqa: E402
 from kflip.binary import assert_binary, binary_variables, snap_binary_weights  # noqa: E402
 from kflip.callbacks import FlipRate  # noqa: E402
-from kflip.cell import sign_pm1  # noqa: E402
+from kflip.cell import load_weights, sign_pm1  # noqa: E402
 from kflip.optimizer import FlipLSTM  # noqa: E402
 
 OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
@@ -388,6 +388,40 @@ def greedy_options_with_defaults(options: dict | None, examples: int) -> dict:
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def check_run_inputs(
+    *,
+    optimizers,
+    output_dir=None,
+    lstm_weights=None,
+    greedy: bool = False,
+    greedy_examples: int = 1024,
+    greedy_options: dict | None = None,
+) -> None:
+    """Refuse, before any training, what would otherwise fail (or be ignored) after it."""
+    if output_dir is not None:
+        _check_output_dir(os.fspath(output_dir))
+    if lstm_weights is not None:
+        if not any(name.startswith("fliplstm") for name in optimizers):
+            raise ValueError(
+                f"`lstm_weights` is only used by fliplstm optimizers, not by {list(optimizers)}."
+            )
+        load_weights(lstm_weights)
+    if greedy:
+        module = greedy_module()
+        if module is not None:
+            module.validate_options(greedy_options_with_defaults(greedy_options, greedy_examples))
+
+
+def _check_output_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`output_dir` {path!r} exists and is not a directory.")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"`output_dir` {path!r}: {parent!r} is not writable.")
+
+
 def run_greedy(model, dataset, *, examples: int = 1024, options: dict | None = None) -> dict:
     """Snap the binary kernels to +-1 and run ``kflip.greedy.greedy_flip`` on them.
 
@@ -602,6 +636,14 @@ def train(
             "`tensorboard_dir` needs the tensorboard package, which is not installed "
             "(pip install tensorboard)."
         )
+    check_run_inputs(
+        optimizers=[optimizer],
+        output_dir=output_dir,
+        lstm_weights=lstm_weights,
+        greedy=greedy,
+        greedy_examples=greedy_examples,
+        greedy_options=greedy_options,
+    )
     ds = resolve_dataset(dataset, data_dir, download, n_train, n_test)
     epochs, model_options = _defaults_for(ds, epochs, model, model_options)
     if greedy and greedy_module() is None:
@@ -891,6 +933,14 @@ def bench(
             raise ValueError(f"`seeds` must be a positive int or distinct ints >= 0, got {seeds!r}.")
     _check_positive_int("timing_steps", timing_steps)
     _check_positive_int("timing_rounds", timing_rounds)
+    check_run_inputs(
+        optimizers=optimizers,
+        output_dir=output_dir,
+        lstm_weights=lstm_weights,
+        greedy=any(n in optimizers for n in greedy_after),
+        greedy_examples=greedy_examples,
+        greedy_options=greedy_options,
+    )
 
     ds = resolve_dataset(dataset, data_dir, download, n_train, n_test)
     epochs, model_options = _defaults_for(ds, epochs, model, model_options)

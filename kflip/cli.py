@@ -6,14 +6,17 @@ A thin argparse layer. ``train`` and ``bench`` call :func:`kflip.bench.train` an
 imported only when their command runs.
 
 Exit codes: 0 success, 2 bad usage or input (argparse errors, invalid values, missing
-dataset files, a subcommand not available in this version).
+or unreadable dataset and weights files, a subcommand not available in this version).
+TensorFlow's C++ start-up log is off unless ``TF_CPP_MIN_LOG_LEVEL`` is set.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import math
 import os
 import sys
 
@@ -46,6 +49,24 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _nonneg_int = _int_at_least(0, "an integer >= 0")
+
+
+def _finite_float(low: float, what: str, *, low_open: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if low_open else value >= low)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _finite_float(0.0, "a finite number > 0", low_open=True)
+_nonneg_float = _finite_float(0.0, "a finite number >= 0")
 
 
 def _int_list(text: str) -> tuple:
@@ -111,7 +132,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     m.add_argument("--filters", type=_int_list, default=None, metavar="N,N,N",
                    help="cnn conv filters (default 32,64,64)")
     m.add_argument("--dense", type=_positive_int, default=None, help="cnn dense width (default 64)")
-    m.add_argument("--width", type=float, default=None,
+    m.add_argument("--width", type=_positive_float, default=None,
                    help="binarynet width multiplier (default 1.0)")
 
     t = p.add_argument_group("training")
@@ -120,15 +141,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
     t.add_argument("--eval-every", type=_positive_int, default=None, metavar="K",
                    help="evaluate the test set every K steps (default: ~5 times per epoch)")
-    t.add_argument("--bop-threshold", type=float, default=1e-6, help="Bop threshold (default 1e-6)")
-    t.add_argument("--bop-gamma", type=float, default=1e-3, help="Bop gamma (default 1e-3)")
+    t.add_argument("--bop-threshold", type=_nonneg_float, default=1e-6, help="Bop threshold (default 1e-6)")
+    t.add_argument("--bop-gamma", type=_positive_float, default=1e-3, help="Bop gamma (default 1e-3)")
     t.add_argument("--lstm-weights", default=None, metavar="PATH",
                    help="FlipLSTM weights .npz (default: the weights shipped with kflip)")
 
     g = p.add_argument_group("greedy flip search")
     g.add_argument("--greedy-examples", type=_positive_int, default=1024, metavar="N",
                    help="probe set size: N training examples (default 1024)")
-    g.add_argument("--greedy-seconds", type=float, default=10.0, metavar="S",
+    g.add_argument("--greedy-seconds", type=_nonneg_float, default=10.0, metavar="S",
                    help="time budget per layer (greedy_flip max_seconds; default 10, 0 for none)")
     g.add_argument("--greedy-option", type=_key_value, action="append", default=[],
                    metavar="KEY=VALUE",
@@ -230,8 +251,6 @@ def _common_kwargs(args) -> dict:
 
 
 def _greedy_options(args) -> dict:
-    if args.greedy_seconds < 0:
-        raise ValueError(f"--greedy-seconds must be >= 0, got {args.greedy_seconds}.")
     options = {"max_seconds": args.greedy_seconds or None}
     options.update(dict(args.greedy_option))
     return options
@@ -311,29 +330,74 @@ def _run_plugin(command: str, rest: list) -> int:
             file=sys.stderr,
         )
         return 2
-    parser = argparse.ArgumentParser(prog=f"kflip {command}", description=help_text)
+    parser = argparse.ArgumentParser(
+        prog=f"kflip {command}",
+        description=help_text,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
-    code = module.run(args)
-    return int(code or 0)
+    return _guarded(command, lambda: module.run(args))
+
+
+def _guarded(command: str, run) -> int:
+    """Run a command; a user's mistake is one line on stderr and exit code 2."""
+    try:
+        return int(run() or 0)
+    except (ValueError, OSError) as e:
+        print(f"kflip {command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def _start_api() -> None:
+    """Load kflip's API; TensorFlow's C++ start-up log stays out of the output unless
+    ``TF_CPP_MIN_LOG_LEVEL`` is set below 3 (the user asked for it)."""
+    os.environ.pop("KFLIP_DEFER_IMPORTS", None)
+    level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import kflip
+
+    if level.strip() in ("0", "1", "2"):
+        kflip._load_all()
+        return
+    with _stderr_fd_silenced():  # the start-up lines are written before absl's log init
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # device discovery (the cuInit lines) too
+    kflip._load_all()
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv=None) -> int:
     """Entry point of the ``kflip`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PLUGINS:
+        _start_api()
         return _run_plugin(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    _start_api()
     handler = {"train": _cmd_train, "bench": _cmd_bench}[args.command]
-    try:
-        return handler(args, argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"kflip {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    return _guarded(args.command, lambda: handler(args, argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 import time
 from typing import Callable
@@ -949,6 +950,71 @@ def _check_int(name, v, lo=1, allow_none=False):
         raise ValueError(f"`{name}` must be an int >= {lo}{' or None' if allow_none else ''}, got {v!r}.")
 
 
+def validate_options(options: dict) -> None:
+    """Raise ``ValueError`` for unknown or invalid :func:`greedy_flip` keywords.
+
+    Checks what can be checked without a model, so that a run can refuse bad options
+    before it trains (``kflip train --greedy``, :class:`GreedyFlip`).
+
+    >>> validate_options({"order": "gradient", "max_seconds": 5.0})
+    >>> validate_options({"order": "bogus"})
+    Traceback (most recent call last):
+    ...
+    ValueError: `order` must be one of ('index', 'random', 'gradient'), got 'bogus'.
+    """
+    bad = set(options) - set(greedy_flip.__kwdefaults__)
+    if bad:
+        raise ValueError(f"unknown greedy_flip arguments: {sorted(bad)}")
+    merged = {**greedy_flip.__kwdefaults__, **options}
+    _check_values(**{k: merged[k] for k in _CHECKED})
+
+
+def _check_values(
+    *,
+    layer_order,
+    order,
+    method,
+    group_size,
+    passes,
+    block_size,
+    pairs_per_block,
+    max_candidates,
+    probe_size,
+    exhaustive,
+    max_seconds,
+    min_delta,
+    on_step,
+):
+    """The model-free checks of :func:`greedy_flip`'s keywords (one place for both)."""
+    if layer_order not in ("forward", "backward"):
+        raise ValueError(f"`layer_order` must be 'forward' or 'backward', got {layer_order!r}.")
+    if order not in ORDERS:
+        raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    _check_int("group_size", group_size)
+    _check_int("passes", passes)
+    _check_int("block_size", block_size)
+    _check_int("pairs_per_block", pairs_per_block)
+    _check_int("max_candidates", max_candidates, allow_none=True)
+    _check_int("probe_size", probe_size, allow_none=True)
+    if not isinstance(exhaustive, bool):
+        raise ValueError(f"`exhaustive` must be a bool, got {exhaustive!r}.")
+    if exhaustive and group_size > MAX_EXHAUSTIVE:
+        raise ValueError(
+            f"`group_size` must be <= {MAX_EXHAUSTIVE} with exhaustive=True, got {group_size}."
+        )
+    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
+        raise ValueError(f"`max_seconds` must be a positive number or None, got {max_seconds!r}.")
+    if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
+        raise ValueError(f"`min_delta` must be a number >= 0, got {min_delta!r}.")
+    if on_step is not None and not callable(on_step):
+        raise ValueError(f"`on_step` must be callable or None, got {on_step!r}.")
+
+
+_CHECKED = tuple(inspect.signature(_check_values).parameters)
+
+
 def greedy_flip(
     model,
     x,
@@ -1015,30 +1081,8 @@ def greedy_flip(
     Returns:
       A :class:`GreedyReport`.
     """
-    if layer_order not in ("forward", "backward"):
-        raise ValueError(f"`layer_order` must be 'forward' or 'backward', got {layer_order!r}.")
-    if order not in ORDERS:
-        raise ValueError(f"`order` must be one of {ORDERS}, got {order!r}.")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    _check_int("group_size", group_size)
-    _check_int("passes", passes)
-    _check_int("block_size", block_size)
-    _check_int("pairs_per_block", pairs_per_block)
-    _check_int("max_candidates", max_candidates, allow_none=True)
-    _check_int("probe_size", probe_size, allow_none=True)
-    if not isinstance(exhaustive, bool):
-        raise ValueError(f"`exhaustive` must be a bool, got {exhaustive!r}.")
-    if exhaustive and group_size > MAX_EXHAUSTIVE:
-        raise ValueError(
-            f"`group_size` must be <= {MAX_EXHAUSTIVE} with exhaustive=True, got {group_size}."
-        )
-    if max_seconds is not None and not (isinstance(max_seconds, (int, float)) and max_seconds > 0):
-        raise ValueError(f"`max_seconds` must be a positive number or None, got {max_seconds!r}.")
-    if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
-        raise ValueError(f"`min_delta` must be a number >= 0, got {min_delta!r}.")
-    if on_step is not None and not callable(on_step):
-        raise ValueError(f"`on_step` must be callable or None, got {on_step!r}.")
+    arguments = locals()
+    _check_values(**{k: arguments[k] for k in _CHECKED})
 
     net = _Network(model, loss, from_logits)
     chosen = _select_layers(net, layers)
@@ -1390,9 +1434,7 @@ class GreedyFlip(tf.keras.callbacks.Callback):
             raise ValueError(f"`at_train_end` must be a bool, got {at_train_end!r}.")
         if every_n_epochs is None and not at_train_end:
             raise ValueError("`every_n_epochs` is None and `at_train_end` is False: nothing to do.")
-        bad = set(kwargs) - set(greedy_flip.__kwdefaults__)
-        if bad:
-            raise ValueError(f"unknown greedy_flip arguments: {sorted(bad)}")
+        validate_options(kwargs)
         if log_dir is not None:
             try:
                 import tensorboard  # noqa: F401

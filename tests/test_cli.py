@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -311,3 +312,83 @@ def test_plots_from_results_json(tmp_path):
     assert all(_is_png(p) for p in files.values())
     with pytest.raises(ValueError, match="`runs`"):
         plots.plot_accuracy_vs_step([], str(tmp_path / "x.png"))
+
+
+# ---- mistakes are refused before training, in one line, exit 2 ----------------------
+def test_help_and_version_do_not_start_tensorflow():
+    code = (
+        "import sys, _kflip_cli\n"
+        "for argv in (['kflip', '--version'], ['kflip', '--help']):\n"
+        "    sys.argv = argv\n"
+        "    try:\n"
+        "        _kflip_cli.main()\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, e.code\n"
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KFLIP_DEFER_IMPORTS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert f"kflip {kflip.__version__}" in out.stdout and "usage: kflip" in out.stdout
+
+
+def test_console_script_error_is_one_line_without_tensorflow_noise(tmp_path):
+    exe = shutil.which("kflip")
+    assert exe, "the kflip console script is not installed (pip install -e .)"
+    target = tmp_path / "a-file"
+    target.write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([exe, "train", "--output", str(target)], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 2
+    assert out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"kflip train: error: `output_dir` {str(target)!r} exists and is not a directory."
+    ]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--model", "binarynet", "--width", "inf"], "--width"),
+    (["train", "--greedy-seconds", "nan"], "--greedy-seconds"),
+    (["train", "--greedy-seconds", "-1"], "--greedy-seconds"),
+    (["train", "--bop-gamma", "-1"], "--bop-gamma"),
+    (["bench", "--bop-threshold", "nan"], "--bop-threshold"),
+])
+def test_non_finite_numbers_are_usage_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def _junk_weights(tmp_path):
+    path = tmp_path / "junk.npz"
+    path.write_bytes(b"not an archive")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train", "--greedy", "--greedy-option", "bogus=1"], "bogus"),
+    (["train", "--greedy", "--greedy-option", "order=bogus"], "`order`"),
+    (["bench", "--greedy-option", "max_seconds=-3"], "`max_seconds`"),
+    (["train", "--optimizer", "bop", "--lstm-weights", "JUNK"], "`lstm_weights`"),
+    (["bench", "--optimizers", "bop,adam-ste", "--lstm-weights", "JUNK"], "`lstm_weights`"),
+    (["train", "--lstm-weights", "JUNK"], "junk.npz"),
+    (["train", "--lstm-weights", "/nonexistent/w.npz"], "/nonexistent/w.npz"),
+    (["meta-train", "--iterations", "0"], "`iterations`"),
+    (["meta-train", "--sigma", "-1"], "`sigma`"),
+    (["meta-train", "--init", "/nonexistent"], "/nonexistent"),
+])
+def test_mistakes_exit_2_in_one_line_before_training(argv, needle, tmp_path, capsys,
+                                                       monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [_junk_weights(tmp_path) if a == "JUNK" else a for a in argv]
+    trained = []
+    monkeypatch.setattr(bench, "_run", lambda *a, **k: trained.append(1) or 1 / 0)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert err.startswith(f"kflip {argv[0]}: error: ")
+    assert not trained
+    assert not any(p.name.startswith("kflip-") for p in tmp_path.iterdir())
