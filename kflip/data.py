@@ -15,11 +15,15 @@ If none works, the error says exactly which file to put where.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import zipfile
 
 import numpy as np
 
 ENV_DATA_DIR = "KFLIP_DATA_DIR"
+# Names kflip's docs and benchmarks use (for "did you mean" on a typo).
+KNOWN = ("digits", "mnist", "fashion_mnist", "cifar10", "emnist", "kmnist", "svhn_cropped")
 
 
 @dataclasses.dataclass
@@ -31,6 +35,28 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     source: str = ""
+
+    def __post_init__(self):
+        where = f"dataset {self.name!r}" + (f" ({self.source})" if self.source else "")
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if len(x) != len(y):
+                raise ValueError(
+                    f"{where}: x_{split} has {len(x)} examples but y_{split} has {len(y)}."
+                )
+            if len(x) == 0:
+                raise ValueError(f"{where}: the {split} split is empty.")
+            if not np.all(np.isfinite(x)):
+                raise ValueError(f"{where}: x_{split} contains NaN or Inf.")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"{where}: y_{split} must hold integer labels, got {y.dtype}.")
+            bad = (y < 0) | (y >= self.num_classes)
+            if bad.any():
+                raise ValueError(
+                    f"{where}: y_{split} has label {int(y[bad][0])}, outside the "
+                    f"{self.num_classes} classes 0..{self.num_classes - 1}"
+                    + (" of the training set." if split == "test" else ".")
+                )
 
     @property
     def input_shape(self):
@@ -70,8 +96,25 @@ def _images(x) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _labels(y) -> np.ndarray:
-    return np.asarray(y).reshape(-1).astype(np.int64)
+def _labels(y, what: str) -> np.ndarray:
+    """Integer class labels >= 0; fractional, negative or non-finite labels are refused."""
+    y = np.asarray(y).reshape(-1)
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{what}: labels must be integers, got dtype {y.dtype}.")
+    if np.issubdtype(y.dtype, np.floating):
+        bad = ~np.isfinite(y) | (y != np.round(y))
+        if bad.any():
+            raise ValueError(f"{what}: labels must be whole numbers, got {y[bad][0]!r}.")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{what}: labels must be >= 0, got {y.min()!r}.")
+    return y.astype(np.int64)
+
+
+def _dataset(name, xtr, ytr, xte, yte, source) -> Dataset:
+    """A validated Dataset; the classes are those of the training labels."""
+    ytr, yte = _labels(ytr, f"{source}: y_train"), _labels(yte, f"{source}: y_test")
+    n_cls = int(ytr.max() + 1) if ytr.size else 0
+    return Dataset(name, _images(xtr), ytr, _images(xte), yte, n_cls, source)
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -97,15 +140,23 @@ def npz_candidates(name: str, data_dir: str | None = None) -> list[str]:
 
 
 def from_npz(path: str, name: str | None = None) -> Dataset:
-    with np.load(path, allow_pickle=False) as z:
-        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path}: missing arrays {sorted(missing)}")
-        xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
-    ytr, yte = _labels(ytr), _labels(yte)
-    n_cls = int(max(ytr.max(), yte.max()) + 1)
+    """Read an ``.npz`` with arrays ``x_train, y_train, x_test, y_test`` (no pickles)."""
+    if os.path.isdir(path) or not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not an .npz archive (arrays x_train, y_train, x_test, y_test).")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: missing arrays {sorted(missing)}")
+            xtr, ytr, xte, yte = (z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: cannot be read ({e}).") from e
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f"{path}: cannot be read ({e}).") from e
     name = name or os.path.splitext(os.path.basename(path))[0]
-    return Dataset(name, _images(xtr), ytr, _images(xte), yte, n_cls, path)
+    return _dataset(name, xtr, ytr, xte, yte, path)
 
 
 def _from_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
@@ -121,31 +172,54 @@ def _from_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
             download=download,
         )
     )
-    ytr, yte = _labels(ytr), _labels(yte)
-    n_cls = int(max(ytr.max(), yte.max()) + 1)
-    return Dataset(name, _images(xtr), ytr, _images(xte), yte, n_cls, f"tfds:{name}")
+    return _dataset(name, xtr, ytr, xte, yte, f"tfds:{name}")
 
 
 def load(name: str = "digits", data_dir: str | None = None, download: bool = False) -> Dataset:
     """Load dataset ``name`` (see the module docstring for the lookup order)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a dataset name, got {name!r}.")
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"`data_dir` {data_dir!r} is not a directory.")
     if name == "digits":
         return digits()
     for path in npz_candidates(name, data_dir):
         if os.path.exists(path):
             return from_npz(path, name)
-    errors = []
     try:
         return _from_tfds(name, data_dir, download)
     except Exception as e:  # tfds raises many types when data is absent
-        errors.append(f"tensorflow-datasets: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    where = npz_candidates(name, data_dir) or [
-        f"$KFLIP_DATA_DIR/{name}.npz (or $KFLIP_DATA_DIR/{name}/{name}.npz)"
-    ]
-    raise FileNotFoundError(
-        f"Dataset {name!r} is not available offline. Put an .npz with arrays x_train, "
-        f"y_train, x_test, y_test at one of: {', '.join(where)} (set `data_dir`/"
-        f"--data-dir or ${ENV_DATA_DIR}), or let tensorflow-datasets download it "
-        f"(download=True / --download) where there is network. Tried: {'; '.join(errors)}"
+        tried = f"tensorflow-datasets: {type(e).__name__}: {_first_line(e)}"
+    raise FileNotFoundError(_not_found(name, data_dir, tried))
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+    line = (str(error).strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _not_found(name: str, data_dir: str | None, tried: str) -> str:
+    guess = difflib.get_close_matches(name, KNOWN + _tfds_names(), n=1, cutoff=0.75)
+    if guess and guess[0] != name:
+        return f"unknown dataset {name!r}; did you mean {guess[0]!r}? ({tried})"
+    where = npz_candidates(name, data_dir)
+    put = (
+        f"Put an .npz with arrays x_train, y_train, x_test, y_test at one of: {', '.join(where)}"
+        if where
+        else f"No data directory is set: pass `data_dir` (--data-dir) or set ${ENV_DATA_DIR} "
+        f"to a folder holding {name}.npz or {name}/{name}.npz (arrays x_train, y_train, "
+        "x_test, y_test)"
     )
+    return (
+        f"Dataset {name!r} is not available offline. {put}, or let tensorflow-datasets "
+        f"download it (download=True / --download) where there is network. Tried: {tried}"
+    )
+
+
+def _tfds_names() -> tuple:
+    try:
+        import tensorflow_datasets as tfds
+
+        return tuple(tfds.list_builders())
+    except Exception:  # an old or broken tfds must not hide the real error
+        return ()

@@ -22,8 +22,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from typing import Any
 
@@ -306,22 +309,46 @@ def export(
             raise ValueError(f"`{name}` must be a bool, got {flag!r}.")
     path = _check_out_path(path, overwrite)
     spec = _input_spec(model)
+    x = _sample_batch(model, 16) if sample is None else _check_sample(model, sample)
     kernels = _binary_kernels(model)
     if tflite:
         _require_lce()
-
     module = ServingModule(model, kernels, packed)
     concrete = module.trace(model, kernels, spec)
-    os.makedirs(path, exist_ok=True)
-    tf.saved_model.save(
-        module,
-        path,
-        signatures={SIGNATURE: concrete},
-    )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.partial-")
+    try:
+        report = _write(model, module, concrete, kernels, staging, x, tflite)
+        report["path"] = path
+        if tflite:
+            report["tflite_path"] = os.path.join(path, TFLITE_NAME)
+        _write_report(report, os.path.join(staging, REPORT_NAME))
+        _move_into_place(staging, path)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _check_sample(model, sample) -> np.ndarray:
+    x = np.asarray(sample, np.float32)
+    expected = tuple(int(d) for d in model.inputs[0].shape[1:])
+    if x.ndim != len(expected) + 1 or x.shape[1:] != expected or len(x) == 0:
+        raise ValueError(
+            f"`sample` has shape {x.shape}; the model expects (N, {', '.join(map(str, expected))})."
+        )
+    if not np.all(np.isfinite(x)):
+        raise ValueError("`sample` contains NaN or Inf.")
+    return x
+
+
+def _write(model, module, concrete, kernels, path, x, tflite: bool) -> dict:
+    """Write the SavedModel (and TFLite) into ``path`` and verify them on ``x``."""
+    tf.saved_model.save(module, path, signatures={SIGNATURE: concrete})
     n_weights = int(sum(k.values.size for k in kernels))
     report: dict[str, Any] = {
-        "path": path,
-        "packed": packed,
+        "packed": module.packed,
         "signature": SIGNATURE,
         "output_key": "output_0",
         "saved_model_bytes": _saved_model_bytes(path),
@@ -331,8 +358,6 @@ def export(
         "binary_kernel_bytes_float32": 4 * n_weights,
         "float_variables": len(module.float_variables),
     }
-
-    x = _sample_batch(model, 16) if sample is None else np.asarray(sample, np.float32)
     expected = np.asarray(model(x, training=False))
     loaded = tf.saved_model.load(path)
     got = loaded.signatures[SIGNATURE](inputs=tf.constant(x))["output_0"].numpy()
@@ -342,15 +367,33 @@ def export(
         warnings.warn(
             f"kflip.export: the reloaded SavedModel differs from the Keras model by up "
             f"to {report['max_abs_diff']:.3g} on the verification sample.",
-            stacklevel=2,
+            stacklevel=3,
         )
-
     if tflite:
         report.update(_export_tflite(model, os.path.join(path, TFLITE_NAME), x, expected))
-    with open(os.path.join(path, REPORT_NAME), "w") as fh:
-        json.dump(report, fh, indent=2, sort_keys=True)
-        fh.write("\n")
     return report
+
+
+def _write_report(report: dict, path: str) -> None:
+    """Strict JSON: a non-finite number (e.g. a NaN difference) is written as null."""
+    clean = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in report.items()
+    }
+    with open(path, "w") as fh:
+        json.dump(clean, fh, indent=2, sort_keys=True, allow_nan=False)
+        fh.write("\n")
+
+
+def _move_into_place(staging: str, path: str) -> None:
+    """Replace ``path`` by the finished ``staging`` directory; no stale file survives."""
+    old = None
+    if os.path.exists(path):
+        old = staging + ".old"
+        os.rename(path, old)
+    os.rename(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- TFLite via the Larq Compute Engine --------------------------------------------------
@@ -449,7 +492,7 @@ def run(args) -> int:
             tflite=getattr(args, "tflite", False),
             overwrite=getattr(args, "overwrite", False),
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, ImportError, OSError) as e:
         print(f"kflip export: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(report, indent=2, sort_keys=True))

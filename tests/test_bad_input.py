@@ -200,3 +200,137 @@ def test_checks_docstring_examples():
     from kflip import _checks
 
     assert doctest.testmod(_checks).failed == 0
+
+
+# ---- datasets -----------------------------------------------------------------------
+def _npz(tmp_path, name="set", **changes):
+    rng = np.random.RandomState(0)
+    arrays = dict(
+        x_train=rng.randint(0, 256, (20, 8, 8)).astype(np.uint8),
+        y_train=np.arange(20) % 4,
+        x_test=rng.randint(0, 256, (8, 8, 8)).astype(np.uint8),
+        y_test=np.arange(8) % 4,
+    )
+    arrays.update(changes)
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(y_train=np.r_[-1, np.arange(19) % 4]), "y_train: labels must be >= 0"),
+        (dict(y_train=np.r_[0.5, np.arange(19) % 4]), "y_train: labels must be whole"),
+        (dict(y_test=np.r_[np.nan, np.arange(7) % 4]), "y_test: labels must be whole"),
+        (dict(y_test=np.r_[9, np.arange(7) % 4]), "y_test has label 9, outside the 4 classes"),
+        (dict(y_train=np.arange(19) % 4), "x_train has 20 examples but y_train has 19"),
+        (dict(x_test=np.full((8, 8, 8), np.nan, np.float32)), "x_test contains NaN"),
+        (dict(y_train=np.array(["a"] * 20)), "labels must be integers"),
+    ],
+)
+def test_bad_dataset_file_is_refused_by_name(tmp_path, changes, match):
+    path = _npz(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match) as err:
+        kflip.data.load("set", data_dir=str(tmp_path))
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"junk", b""])
+def test_garbage_or_truncated_dataset_file_names_the_file(tmp_path, content):
+    good = _npz(tmp_path).read_bytes()
+    path = tmp_path / "set.npz"
+    path.write_bytes(content or good[: len(good) // 2])
+    with pytest.raises(ValueError) as err:
+        kflip.data.load("set", data_dir=str(tmp_path))
+    assert str(path) in str(err.value)
+
+
+def test_dataset_typo_suggests_the_name(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unknown dataset 'mnsit'; did you mean 'mnist'"):
+        kflip.data.load("mnsit", data_dir=str(tmp_path))
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="`data_dir` .*nowhere.* is not a directory"):
+        kflip.data.load("mnist", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_unset_data_dir_is_not_shown_as_a_literal_variable(monkeypatch):
+    monkeypatch.delenv(kflip.data.ENV_DATA_DIR, raising=False)
+    with pytest.raises(FileNotFoundError) as err:
+        kflip.data.load("kflip_no_such_set")
+    text = str(err.value)
+    assert "$KFLIP_DATA_DIR/" not in text and "No data directory is set" in text
+
+
+def test_cli_refuses_bad_labels_with_exit_2(tmp_path, capsys):
+    from kflip import cli
+
+    (tmp_path / "d").mkdir()
+    _npz(tmp_path / "d", name="set", y_test=np.r_[9, np.arange(7) % 4])
+    code = cli.main(["train", "--dataset", "set", "--data-dir", str(tmp_path / "d"),
+                     "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "outside the 4 classes" in err
+    assert not (tmp_path / "out").exists()
+
+
+# ---- export -------------------------------------------------------------------------
+def _tiny_model():
+    tf.keras.utils.set_random_seed(0)
+    model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(8,))
+    kflip.snap_binary_weights(model)
+    return model
+
+
+def test_export_with_wrong_sample_leaves_nothing_on_disk(tmp_path):
+    target = tmp_path / "served"
+    with pytest.raises(ValueError, match="`sample` has shape"):
+        kflip.export(_tiny_model(), str(target), sample=np.zeros((4, 28, 28, 1), np.float32))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_failure_midway_leaves_nothing_on_disk(tmp_path, monkeypatch):
+    from kflip import export as export_lib
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_lib, "_write_report", broken)
+    with pytest.raises(OSError, match="disk full"):
+        kflip.export(_tiny_model(), str(tmp_path / "served"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_overwrite_leaves_no_stale_file(tmp_path):
+    target = tmp_path / "served"
+    target.mkdir()
+    (target / "model.tflite").write_bytes(b"stale")
+    report = kflip.export(_tiny_model(), str(target), overwrite=True)
+    assert not (target / "model.tflite").exists()
+    assert (target / "saved_model.pb").exists() and report["path"] == str(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
+def test_export_report_is_strict_json(tmp_path):
+    import json
+
+    from kflip import export as export_lib
+
+    path = tmp_path / "r.json"
+    export_lib._write_report({"max_abs_diff": float("nan"), "n": 1}, str(path))
+    assert json.loads(path.read_text()) == {"max_abs_diff": None, "n": 1}
+    assert "NaN" not in path.read_text()
+
+
+def test_export_into_an_impossible_dir_is_exit_2_in_one_line(tmp_path, capsys):
+    from kflip import cli
+
+    model_path = tmp_path / "m.keras"
+    _tiny_model().save(model_path)
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["export", str(model_path), str(tmp_path / "a-file" / "sub" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kflip export: error: ") and len(err.splitlines()) == 1
