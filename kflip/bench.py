@@ -388,6 +388,31 @@ def greedy_options_with_defaults(options: dict | None, examples: int) -> dict:
     return {k: v for k, v in merged.items() if v is not None}
 
 
+class _Progress:
+    """``[k/N] what ... elapsed, ~left`` before each of ``total`` runs (mean run time so far)."""
+
+    def __init__(self, total: int, say: Callable[[str], None]):
+        self.total, self.say = total, say
+        self.finished = 0
+        self.t0 = time.perf_counter()
+
+    def start(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.t0
+        left = ""
+        if self.finished:
+            eta = elapsed / self.finished * (self.total - self.finished)
+            left = f", about {_duration(eta)} left"
+        self.say(f"[{self.finished + 1}/{self.total}] {what} ... ({_duration(elapsed)} elapsed{left})")
+
+    def done(self) -> None:
+        self.finished += 1
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 def check_run_inputs(
     *,
     optimizers,
@@ -983,8 +1008,10 @@ def bench(
     )
     t_bench = time.perf_counter()
     runs, timing_models = [], {}
+    progress = _Progress(len(optimizers) * len(seeds), say)
     for name in optimizers:
         for seed in seeds:
+            progress.start(f"{name} seed {seed}" + (" (+greedy)" if name in do_greedy else ""))
             result, net = _run(
                 ds,
                 model=model,
@@ -1020,6 +1047,7 @@ def bench(
                     f"  {name + GREEDY_SUFFIX:<18} seed {seed}: test accuracy "
                     f"{100 * acc:.2f}%  (greedy {g['seconds']:.1f} s)"
                 )
+            progress.done()
             if seed == seeds[0]:
                 timing_models[name] = net
             if output_dir:  # keep finished runs if the bench is interrupted

@@ -1,9 +1,9 @@
 """PNG plots of ``kflip bench`` results (matplotlib, no global pyplot state).
 
 * :func:`plot_accuracy_vs_step`: test accuracy vs training step, one panel per
-  optimizer side by side with a shared y axis (the layout of the invention's
-  Figure 5); thin lines are seeds, the thick line their mean, a star the accuracy
-  after the greedy flip search that follows training.
+  optimizer side by side with a shared y axis over the second half of training (the
+  layout of the invention's Figure 5); thin lines are seeds, the thick line their
+  mean, a star (with its value) the accuracy after the greedy flip search.
 * :func:`plot_flip_rate`: flips per weight per step of every binary layer over
   training, one panel per optimizer (mean over seeds, log scale).
 
@@ -50,46 +50,61 @@ def _check_runs(runs):
 
 
 def plot_accuracy_vs_step(runs: Sequence[dict], path: str, title: str | None = None) -> str:
-    """Test accuracy vs step, one panel per optimizer, side by side."""
+    """Test accuracy vs step, one panel per optimizer, side by side.
+
+    The shared y axis spans the second half of training (where optimizers differ) and
+    the greedy results, not the chance-level start; greedy stars carry their value.
+    """
     _check_runs(runs)
     names = _base_optimizers(runs)
     fig = _figure(len(names))
     axes = fig.subplots(1, len(names), sharey=True, squeeze=False)[0]
-    lo = 1.0
+    shown = []  # accuracies the y range must hold
     for ax, name in zip(axes, names):
         rs = [r for r in runs if r["optimizer"] == name]
-        curves = []
-        for r in rs:
-            steps = [p["step"] for p in r["test_curve"]]
-            acc = [100 * p["test_accuracy"] for p in r["test_curve"]]
-            ax.plot(steps, acc, lw=0.8, alpha=0.45, color="C0")
-            curves.append((steps, acc))
-        n = min(len(c[0]) for c in curves)
-        mean = np.mean([c[1][:n] for c in curves], axis=0)
-        ax.plot(curves[0][0][:n], mean, lw=2.0, color="C0", label=f"{name} (mean of {len(rs)})")
-        # Skip the step-0 point (chance level) when choosing the y range.
-        lo = min(lo, float(np.min([min(c[1][1:] or c[1]) for c in curves])) / 100)
+        shown += _accuracy_panel(ax, name, rs)
         greedy = [r for r in runs if r["optimizer"] == name + GREEDY_SUFFIX]
         if greedy:
-            ax.scatter(
-                [r["steps"] for r in greedy],
-                [100 * r["test_accuracy"] for r in greedy],
-                marker="*",
-                s=90,
-                color="C3",
-                zorder=3,
-                label="+ greedy flip search",
-            )
-        final = 100 * np.mean([r["test_accuracy"] for r in rs])
-        ax.set_title(f"{name}\nfinal {final:.2f}%", fontsize=10)
+            shown += _greedy_stars(ax, greedy)
         ax.set_xlabel("training step")
+        ax.margins(x=0.06)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right")
+    lo, hi = min(shown), max(shown)
+    pad = max(0.5, 0.15 * (hi - lo))
+    axes[0].set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
     axes[0].set_ylabel("test accuracy (%)")
-    axes[0].set_ylim(max(0.0, 100 * lo - 2.0), 100.0)
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def _accuracy_panel(ax, name: str, rs: Sequence[dict]) -> list[float]:
+    """Seeds thin, their mean thick; returns the late-training accuracies drawn."""
+    curves = []
+    for r in rs:
+        steps = [p["step"] for p in r["test_curve"]]
+        acc = [100 * p["test_accuracy"] for p in r["test_curve"]]
+        ax.plot(steps, acc, lw=0.8, alpha=0.45, color="C0")
+        curves.append((steps, acc))
+    n = min(len(c[0]) for c in curves)
+    mean = np.mean([c[1][:n] for c in curves], axis=0)
+    ax.plot(curves[0][0][:n], mean, lw=2.0, color="C0", label=f"{name} (mean of {len(rs)})")
+    final = 100 * np.mean([r["test_accuracy"] for r in rs])
+    ax.set_title(f"{name}\nfinal {final:.2f}%", fontsize=10)
+    late = [a for steps, acc in curves for s, a in zip(steps, acc) if s >= steps[-1] / 2]
+    return late or [a for _, acc in curves for a in acc]
+
+
+def _greedy_stars(ax, greedy: Sequence[dict]) -> list[float]:
+    values = [100 * r["test_accuracy"] for r in greedy]
+    steps = [r["steps"] for r in greedy]
+    ax.scatter(steps, values, marker="*", s=90, color="C3", zorder=3, clip_on=False,
+               label="+ greedy flip search")
+    mean = float(np.mean(values))
+    ax.annotate(f"{mean:.2f}%", (steps[0], mean), textcoords="offset points", xytext=(-6, 8),
+                ha="right", fontsize=8, color="C3")
+    return values
 
 
 def plot_flip_rate(runs: Sequence[dict], path: str, title: str | None = None) -> str:
@@ -109,7 +124,7 @@ def plot_flip_rate(runs: Sequence[dict], path: str, title: str | None = None) ->
         for i, key in enumerate(layers):
             rate = np.mean([[e[key] for e in r["flip_curve"][:n]] for r in rs], axis=0)
             rate = np.where(rate > 0, rate, np.nan)  # log scale: gaps where nothing flipped
-            ax.plot(steps, rate, lw=1.2, color=f"C{i % 10}", label=key.split("/", 1)[1])
+            ax.plot(steps, rate, lw=1.2, color=f"C{i % 10}", label=_layer_label(i, key))
         if all(r["flips_per_step"] == 0 for r in rs):
             ax.text(0.5, 0.5, "no sign flips", transform=ax.transAxes, ha="center")
         else:
@@ -117,11 +132,17 @@ def plot_flip_rate(runs: Sequence[dict], path: str, title: str | None = None) ->
         ax.set_title(f"{name}\n{np.mean([r['flips_per_step'] for r in rs]):.1f} flips/step", fontsize=10)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6, loc="best", framealpha=0.6)
+        ax.legend(fontsize=8, loc="best", framealpha=0.6)
     axes[0].set_ylabel("flips per weight per step")
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def _layer_label(i: int, key: str) -> str:
+    """``flip_rate/quant_dense_1/kernel`` -> ``layer 2 (quant_dense_1)``."""
+    name = key.split("/", 1)[1].split("/")[0]
+    return f"layer {i + 1} ({name})"
 
 
 def plot_results(results, output_dir: str) -> dict:

@@ -6,6 +6,7 @@ in-process through kflip.cli.main, plus one real subprocess of the console scrip
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -252,6 +253,12 @@ def test_bench_every_optimizer(tmp_path, capsys):
     assert [row["optimizer"] for row in r["summary"]] == names
     for name in names:
         assert f"| {name} |" in printed
+    # a progress line before every run, with the time left once one run has finished
+    starts = [line for line in printed.splitlines() if re.match(r"\[\d/4\] ", line)]
+    assert [line.split(" ...")[0] for line in starts] == [
+        "[1/4] adam-ste seed 0", "[2/4] bop seed 0", "[3/4] fliplstm-gradient seed 0",
+        "[4/4] fliplstm seed 0 (+greedy)"]
+    assert "left" not in starts[0] and all(" left)" in line for line in starts[1:])
     assert [run["optimizer"] for run in r["runs"]] == names
     rows = {row["optimizer"]: row for row in r["summary"]}
     assert rows["bop"]["step_time_rel_bop"] == 1.0
@@ -312,6 +319,7 @@ def test_plots_from_results_json(tmp_path):
     assert all(_is_png(p) for p in files.values())
     with pytest.raises(ValueError, match="`runs`"):
         plots.plot_accuracy_vs_step([], str(tmp_path / "x.png"))
+    assert plots._layer_label(1, "flip_rate/quant_dense_1/kernel") == "layer 2 (quant_dense_1)"
 
 
 # ---- mistakes are refused before training, in one line, exit 2 ----------------------
