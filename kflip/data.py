@@ -96,7 +96,7 @@ def _images(x) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _labels(y, what: str) -> np.ndarray:
+def class_labels(y, what: str) -> np.ndarray:
     """Integer class labels >= 0; fractional, negative or non-finite labels are refused."""
     y = np.asarray(y).reshape(-1)
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
@@ -112,7 +112,8 @@ def _labels(y, what: str) -> np.ndarray:
 
 def _dataset(name, xtr, ytr, xte, yte, source) -> Dataset:
     """A validated Dataset; the classes are those of the training labels."""
-    ytr, yte = _labels(ytr, f"{source}: y_train"), _labels(yte, f"{source}: y_test")
+    ytr = class_labels(ytr, f"{source}: y_train")
+    yte = class_labels(yte, f"{source}: y_test")
     n_cls = int(ytr.max() + 1) if ytr.size else 0
     return Dataset(name, _images(xtr), ytr, _images(xte), yte, n_cls, source)
 

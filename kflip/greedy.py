@@ -57,6 +57,7 @@ from typing import Callable
 import numpy as np
 
 from kflip import _keras
+from kflip import data as data_lib
 
 _keras.select_keras2()
 import larq as lq  # noqa: E402
@@ -886,11 +887,34 @@ def _probe(x, y, probe_size, probe_seed):
             x, y = x[idx], y[idx]
     if len(x) == 0:
         raise ValueError("`x` is empty.")
-    y = np.asarray(y)
+    x, y = _check_arrays(x, y)
+    return tf.constant(x, tf.float32), tf.constant(y)
+
+
+def _check_arrays(x, y):
+    """Probe arrays as float inputs and int64 class ids (one-hot ``y`` allowed);
+    ``ValueError`` for a length mismatch, NaN/Inf inputs or non-class labels."""
+    x, y = np.asarray(x), np.asarray(y)
+    if len(x) != len(y):
+        raise ValueError(f"`y` has {len(y)} examples but `x` has {len(x)}.")
+    if not np.issubdtype(x.dtype, np.number) or not np.all(np.isfinite(x)):
+        raise ValueError("`x`: the probe inputs must be finite numbers (found NaN, Inf or non-numbers).")
     if y.ndim > 1:
         y = y.reshape(len(y), -1)
         y = y[:, 0] if y.shape[1] == 1 else np.argmax(y, axis=1)
-    return tf.constant(x, tf.float32), tf.constant(y.astype(np.int64))
+    return x, data_lib.class_labels(y, "`y`")
+
+
+def _check_classes(model, loss, y) -> None:
+    """With the sparse cross-entropy, every label must be one of the model's outputs."""
+    if loss not in (None, "sparse_categorical_crossentropy"):
+        return
+    n_out = int(model.output_shape[-1])
+    top = int(tf.reduce_max(y))
+    if top >= n_out:
+        raise ValueError(
+            f"`y` has label {top}, but the model has {n_out} outputs (classes 0..{n_out - 1})."
+        )
 
 
 def _select_layers(net: _Network, layers):
@@ -1105,6 +1129,7 @@ def greedy_flip(
     expected = tuple(model.input_shape[1:])
     if tuple(xp.shape[1:]) != expected:
         raise ValueError(f"`x` examples have shape {tuple(xp.shape[1:])}, the model expects {expected}.")
+    _check_classes(model, loss, yp)
     if layer_order == "backward":
         chosen = chosen[::-1]
     n = int(xp.shape[0])
@@ -1435,6 +1460,10 @@ class GreedyFlip(tf.keras.callbacks.Callback):
         if every_n_epochs is None and not at_train_end:
             raise ValueError("`every_n_epochs` is None and `at_train_end` is False: nothing to do.")
         validate_options(kwargs)
+        if not isinstance(x, tf.data.Dataset):
+            if y is None:
+                raise ValueError("`y` is required when `x` is an array.")
+            _check_arrays(x, y)
         if log_dir is not None:
             try:
                 import tensorboard  # noqa: F401

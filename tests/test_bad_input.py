@@ -334,3 +334,43 @@ def test_export_into_an_impossible_dir_is_exit_2_in_one_line(tmp_path, capsys):
     assert cli.main(["export", str(model_path), str(tmp_path / "a-file" / "sub" / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kflip export: error: ") and len(err.splitlines()) == 1
+
+
+# ---- greedy flip search probes --------------------------------------------------------
+def _greedy_model():
+    tf.keras.utils.set_random_seed(0)
+    model = kflip.models.mlp(input_shape=(8, 8, 1), num_classes=4, hidden=(8,))
+    kflip.snap_binary_weights(model)
+    return model
+
+
+_X = np.random.RandomState(0).uniform(-1, 1, (32, 8, 8, 1)).astype(np.float32)
+_Y = np.arange(32) % 4
+
+
+@pytest.mark.parametrize(
+    "x, y, match",
+    [
+        (_X, _Y[:10], "`y` has 10 examples but `x` has 32"),
+        (_X, np.r_[0.5, _Y[1:]], "`y`: labels must be whole numbers"),
+        (_X, np.r_[-1, _Y[1:]], "`y`: labels must be >= 0"),
+        (np.where(np.arange(32)[:, None, None, None] == 3, np.nan, _X), _Y, "`x`: .*finite"),
+        (_X, None, "`y` is required"),
+    ],
+)
+def test_greedy_probe_is_refused_at_construction_and_call(x, y, match):
+    with pytest.raises(ValueError, match=match):
+        kflip.GreedyFlip(x, y)
+    model = _greedy_model()
+    before = [v.numpy().copy() for v in kflip.binary_variables(model)]
+    with pytest.raises(ValueError, match=match):
+        kflip.greedy_flip(model, x, y, max_candidates=4)
+    for got, want in zip(kflip.binary_variables(model), before):
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.parametrize("label", [4, 1000])
+def test_greedy_label_outside_the_model_classes(label):
+    y = np.r_[label, _Y[1:]]
+    with pytest.raises(ValueError, match=f"label {label}, but the model has 4 outputs"):
+        kflip.greedy_flip(_greedy_model(), _X, y, max_candidates=4)
