@@ -333,11 +333,26 @@ def _run_plugin(command: str, rest: list) -> int:
     parser = argparse.ArgumentParser(
         prog=f"kflip {command}",
         description=help_text,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     return _guarded(command, lambda: module.run(args))
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Show ``(default: X)`` where the help text does not already say its default."""
+
+    def _format_action(self, action):
+        if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"  # options without help text too
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _guarded(command: str, run) -> int:

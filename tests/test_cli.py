@@ -400,3 +400,12 @@ def test_mistakes_exit_2_in_one_line_before_training(argv, needle, tmp_path, cap
     assert err.startswith(f"kflip {argv[0]}: error: ")
     assert not trained
     assert not any(p.name.startswith("kflip-") for p in tmp_path.iterdir())
+
+
+def test_meta_train_help_shows_defaults_once(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["meta-train", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 4000)" in text and "--sigma SIGMA (default: 0.1)" in text
+    assert "(default: None)" not in text and "(default: <out>.log.jsonl)" in text
