@@ -113,6 +113,23 @@ def step_times(names, model_name, ds, args, repeats=5, steps=50):
     return med(times), med(cpu)
 
 
+def first_step_times(names, model_name, ds, args, repeats=3):
+    """Median time to the first finished train step (tracing + XLA compilation) per
+    optimizer: a fresh model and optimizer each time, optimizers interleaved."""
+    x = tf.constant(ds.x_train[: args.batch_size])
+    y = tf.constant(ds.y_train[: args.batch_size])
+    times = {n: [] for n in names}
+    for _ in range(repeats):
+        for name in names:
+            tf.keras.backend.clear_session()
+            model = build(model_name, ds, 0)
+            t0 = time.perf_counter()
+            model.compile(make_optimizer(name, args), "sparse_categorical_crossentropy", jit_compile=True)
+            model.train_on_batch(x, y)
+            times[name].append(time.perf_counter() - t0)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data")
@@ -127,6 +144,8 @@ def main(argv=None):
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--timing-only", action="store_true", help="measure step times, train nothing")
     p.add_argument("--timing-repeats", type=int, default=5)
+    p.add_argument("--first-step-repeats", type=int, default=3,
+                   help="fresh models per optimizer for the time to the first step (0: skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     ds = data.load(args.dataset, data_dir=args.data_dir)
@@ -137,6 +156,13 @@ def main(argv=None):
               "lstm_weights": kflip.cell.load_weights(args.lstm_weights).metadata,
               "runs": []}
     if not args.skip_timing:
+        if args.first_step_repeats:
+            first = first_step_times(args.optimizers, args.model, ds, args, args.first_step_repeats)
+            result["first_step_s"] = first
+            print("first step incl. compile (s):", {n: round(v, 2) for n, v in first.items()}, flush=True)
+            if "bop" in first:
+                result["first_step_ratio_to_bop"] = {n: v / first["bop"] for n, v in first.items()}
+                print("ratio to Bop:", {n: round(v, 3) for n, v in result["first_step_ratio_to_bop"].items()})
         t, c = step_times(args.optimizers, args.model, ds, args, repeats=args.timing_repeats)
         result["step_time_s"] = t
         result["step_cpu_s"] = c

@@ -129,21 +129,21 @@ def init_sweep(path):
     """Pick the normalised Bop init on meta-training tasks only (no MNIST)."""
     import itertools
 
-    from kflip import meta_tasks
+    from kflip.meta import tasks, unroll
 
     tf.config.threading.set_intra_op_parallelism_threads(1)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     keys = [("mlp-32", "digits", 1), ("mlp-64-64", "digits-proj", 2), ("mlp-128", "teacher", 3),
             ("mlp-32", "teacher", 4), ("mlp-64-64", "digits-perm", 5)]
-    tasks = [meta_tasks.make_task(f, d, s, 2000) for f, d, s in keys]
-    ev = meta_tasks.Evaluator(1, 0.99, 1e-20)
+    inner = [tasks.make_task(f, d, s, 2000) for f, d, s in keys]
+    ev = unroll.Evaluator(1, 0.99, 1e-20)
     rules = [("raw", 1e-6, 1e-3), ("raw", 1e-7, 1e-4)] + [
         ("normalized", t, g) for t, g in itertools.product([0.01, 0.03, 0.1, 0.3], [1e-3, 3e-3, 1e-2])
     ]
     out = []
     for kind, thr, gamma in rules:
         w = kflip.bop_weights(thr, gamma, normalized=kind == "normalized", scale=1.0 if kind == "normalized" else 1e-2)
-        rs = [ev(meta_tasks.flatten(w), t) for t in tasks]
+        rs = [ev(unroll.flatten(w), t) for t in inner]
         out.append({"kind": kind, "threshold": thr, "gamma": gamma,
                     "meta_loss": float(np.mean([r["meta_loss"] for r in rs])),
                     "held_out_accuracy": float(np.mean([r["held_out_accuracy"] for r in rs])),

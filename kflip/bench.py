@@ -45,7 +45,12 @@ import tensorflow as tf  # noqa: E402
 from kflip import data as data_lib  # noqa: E402
 from kflip import models as models_lib  # noqa: E402
 from kflip._version import __version__  # noqa: E402
-from kflip.binary import assert_binary, binary_variables, snap_binary_weights  # noqa: E402
+from kflip.binary import (  # noqa: E402
+    assert_binary,
+    binary_variables,
+    named_binary_variables,
+    snap_binary_weights,
+)
 from kflip.callbacks import FlipRate  # noqa: E402
 from kflip.cell import load_weights, sign_pm1  # noqa: E402
 from kflip.optimizer import FlipLSTM  # noqa: E402
@@ -70,7 +75,15 @@ def make_optimizer(
     bop_gamma: float = 1e-3,
     lstm_weights: Any = None,
 ):
-    """The optimizer recipe called ``name`` (one of :data:`OPTIMIZERS`)."""
+    """The optimizer recipe called ``name`` (one of :data:`OPTIMIZERS`).
+
+    Example:
+      >>> from kflip import bench
+      >>> type(bench.make_optimizer("bop")).__name__  # Bop for binary kernels, Adam else
+      'CaseOptimizer'
+      >>> bench.make_optimizer("fliplstm-gradient").output
+      'gradient'
+    """
     if name == "adam-ste":
         return tf.keras.optimizers.legacy.Adam(1e-3)
     if name == "bop":
@@ -93,7 +106,19 @@ def make_optimizer(
 
 
 def build_model(name: str, dataset: data_lib.Dataset, **options) -> tf.keras.Model:
-    """``kflip.models.build(name, ...)`` with a clear error for unusable options/inputs."""
+    """``kflip.models.build(name, ...)`` with a clear error for unusable options/inputs.
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> ds = kflip.data.digits()
+      >>> bench.build_model("mlp", ds, hidden=(16,)).output_shape
+      (None, 10)
+      >>> bench.build_model("mlp", ds, width=2.0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `model_options` ['width'] do not apply to model 'mlp' (it takes ['hidden']).
+    """
     if name not in MODEL_OPTIONS:
         raise ValueError(f"`model` must be one of {sorted(MODEL_OPTIONS)}, got {name!r}.")
     unknown = sorted(set(options) - set(MODEL_OPTIONS[name]))
@@ -119,6 +144,16 @@ def state_bytes_per_binary_weight(model: tf.keras.Model) -> float:
     Sums the slot variables the (possibly nested) optimizer keeps for the binary
     kernels of ``model`` and divides by their number of weights. Call after at least
     one training step (slots are created lazily).
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> ds = kflip.data.digits()
+      >>> net = bench.compiled_model(ds, model="mlp", model_options={"hidden": (16,)},
+      ...                            optimizer="bop")
+      >>> _ = net.train_on_batch(ds.x_train[:64], ds.y_train[:64])
+      >>> bench.state_bytes_per_binary_weight(net)  # Bop: one float32 momentum
+      4.0
     """
     opt = model.optimizer
     candidates = [opt] + list(getattr(opt, "optimizers", []))
@@ -140,12 +175,14 @@ def state_bytes_per_binary_weight(model: tf.keras.Model) -> float:
     return total / n_weights
 
 
-def _layer_label(var) -> str:
-    return var.name.rsplit(":", 1)[0]
-
-
 def default_eval_every(steps_per_epoch: int) -> int:
-    """About five test evaluations per epoch."""
+    """About five test evaluations per epoch.
+
+    Example:
+      >>> from kflip import bench
+      >>> bench.default_eval_every(230), bench.default_eval_every(3)
+      (46, 1)
+    """
     return max(1, int(round(steps_per_epoch / 5)))
 
 
@@ -165,6 +202,16 @@ def make_evaluator(model: tf.keras.Model, batch_size: int = 1000):
     One XLA-compiled function per batch of ``batch_size`` examples; it neither resets
     nor feeds the model's Keras metrics, so it is safe to call in the middle of
     ``fit``. The model must output class probabilities (as kflip's models do).
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> evaluate = bench.make_evaluator(model, batch_size=128)
+      >>> accuracy, loss = evaluate(ds.x_test[:256], ds.y_test[:256])
+      >>> 0.0 <= accuracy <= 1.0, loss > 0.0
+      (True, True)
     """
     _check_positive_int("batch_size", batch_size)
 
@@ -196,6 +243,18 @@ class TestCurve(tf.keras.callbacks.Callback):
     ``curve`` gets ``{"step", "test_accuracy", "test_loss"}`` at step 0, every
     ``every_n_steps`` steps and at every epoch end (whose logs also get
     ``test_accuracy``/``test_loss``, so they reach History and TensorBoard).
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> model.compile("adam", "sparse_categorical_crossentropy")
+      >>> curve = bench.TestCurve(ds.x_test, ds.y_test, every_n_steps=1)
+      >>> hist = model.fit(ds.x_train[:128], ds.y_train[:128], batch_size=64,
+      ...                  callbacks=[curve], verbose=0)
+      >>> [point["step"] for point in curve.curve], "test_accuracy" in hist.history
+      ([0, 1, 2], True)
     """
 
     def __init__(self, x, y, every_n_steps: int, batch_size: int = 1000):
@@ -248,6 +307,23 @@ class SignFlipCounter(tf.keras.callbacks.Callback):
     ``history`` gets ``{"step", "flip_rate/<variable>", "flip_rate"}`` (flips per
     weight per step since the previous entry) every ``every_n_steps`` steps;
     ``totals()`` the cumulative flips per variable; epoch logs get ``flips_per_step``.
+
+    Example (calling the hooks by hand, as ``model.fit`` would):
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> from kflip import bench
+      >>> tf.keras.backend.clear_session()  # deterministic layer names
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> counter = bench.SignFlipCounter(every_n_steps=1)
+      >>> counter.set_model(model)
+      >>> counter.on_train_begin()
+      >>> kernel = model.layers[1].kernel
+      >>> _ = kernel.assign(-kernel)  # a "step" that flips every weight of layer 1
+      >>> counter.on_train_batch_end(0)
+      >>> counter.totals()
+      {'quant_dense/kernel': 1024, 'quant_dense_1/kernel': 0}
+      >>> counter.history[0]["flip_rate/quant_dense/kernel"]
+      1.0
     """
 
     def __init__(self, every_n_steps: int):
@@ -261,8 +337,9 @@ class SignFlipCounter(tf.keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         if self._vars:
             return  # a second fit() keeps counting
-        self._vars = binary_variables(self.model)
-        self._names = [_layer_label(v) for v in self._vars]
+        named = named_binary_variables(self.model)  # right after load_model too
+        self._names = [name for name, _ in named]
+        self._vars = [v for _, v in named]
         self._sizes = [int(v.shape.num_elements()) for v in self._vars]
         self._prev = [tf.Variable(sign_pm1(v), trainable=False) for v in self._vars]
         self._counts = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in self._vars]
@@ -314,7 +391,17 @@ class SignFlipCounter(tf.keras.callbacks.Callback):
 
 
 class StepTimer(tf.keras.callbacks.Callback):
-    """Wall time of every training step (put it first in the callback list)."""
+    """Wall time of every training step (put it first in the callback list).
+
+    Example (calling the hooks by hand, as ``model.fit`` would):
+      >>> from kflip import bench
+      >>> timer = bench.StepTimer()
+      >>> for batch in range(3):
+      ...     timer.on_train_batch_begin(batch)
+      ...     timer.on_train_batch_end(batch)
+      >>> len(timer.times), timer.steady_state_seconds() >= 0.0
+      (3, True)
+    """
 
     def __init__(self):
         super().__init__()
@@ -338,7 +425,13 @@ class StepTimer(tf.keras.callbacks.Callback):
 # Greedy flip search (kflip.greedy, imported lazily)
 # ---------------------------------------------------------------------------------
 def greedy_module():
-    """``kflip.greedy`` or None if this version does not have it."""
+    """``kflip.greedy`` or None if this version does not have it.
+
+    Example:
+      >>> from kflip import bench
+      >>> bench.greedy_module().__name__
+      'kflip.greedy'
+    """
     try:
         return importlib.import_module("kflip.greedy")
     except ModuleNotFoundError as e:
@@ -381,7 +474,15 @@ GREEDY_DEFAULTS = {"order": "gradient", "max_seconds": 10.0}
 
 def greedy_options_with_defaults(options: dict | None, examples: int) -> dict:
     """``options`` for ``greedy_flip`` on top of :data:`GREEDY_DEFAULTS` and
-    ``probe_size=examples``; a value of None removes a default (e.g. no budget)."""
+    ``probe_size=examples``; a value of None removes a default (e.g. no budget).
+
+    Example:
+      >>> from kflip import bench
+      >>> bench.greedy_options_with_defaults({"group_size": 2}, examples=256)
+      {'order': 'gradient', 'max_seconds': 10.0, 'probe_size': 256, 'group_size': 2}
+      >>> bench.greedy_options_with_defaults({"max_seconds": None}, examples=256)
+      {'order': 'gradient', 'probe_size': 256}
+    """
     _check_positive_int("greedy_examples", examples)
     merged = dict(GREEDY_DEFAULTS, probe_size=int(examples))
     merged.update(options or {})
@@ -422,7 +523,16 @@ def check_run_inputs(
     greedy_examples: int = 1024,
     greedy_options: dict | None = None,
 ) -> None:
-    """Refuse, before any training, what would otherwise fail (or be ignored) after it."""
+    """Refuse, before any training, what would otherwise fail (or be ignored) after it.
+
+    Example:
+      >>> from kflip import bench
+      >>> bench.check_run_inputs(optimizers=["fliplstm"], greedy=True)  # fine: None
+      >>> bench.check_run_inputs(optimizers=["bop"], lstm_weights="default")
+      Traceback (most recent call last):
+      ...
+      ValueError: `lstm_weights` is only used by fliplstm optimizers, not by ['bop'].
+    """
     if output_dir is not None:
         _check_output_dir(os.fspath(output_dir))
     if lstm_weights is not None:
@@ -454,6 +564,17 @@ def run_greedy(model, dataset, *, examples: int = 1024, options: dict | None = N
     random subset); ``options`` override :data:`GREEDY_DEFAULTS`. Snapping does not
     change the function the model computes (its ``ste_sign`` quantizers already see
     only the signs). Returns ``{"report", "seconds", "options"}``.
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(8,))
+      >>> out = bench.run_greedy(model, ds, examples=64, options={"max_seconds": 1.0})
+      >>> sorted(out), out["options"]
+      (['options', 'report', 'seconds'], {'order': 'gradient', 'max_seconds': 1.0, 'probe_size': 64})
+      >>> out["report"]["loss_after"] <= out["report"]["loss_before"]
+      True
     """
     module = greedy_module()
     if module is None:
@@ -473,7 +594,14 @@ def run_greedy(model, dataset, *, examples: int = 1024, options: dict | None = N
 # One training run
 # ---------------------------------------------------------------------------------
 def resolve_dataset(dataset, data_dir=None, download=False, n_train=None, n_test=None):
-    """A :class:`kflip.data.Dataset` from a name or a Dataset, optionally subset."""
+    """A :class:`kflip.data.Dataset` from a name or a Dataset, optionally subset.
+
+    Example:
+      >>> from kflip import bench
+      >>> ds = bench.resolve_dataset("digits", n_train=100, n_test=50)
+      >>> ds.name, len(ds.x_train), len(ds.x_test)
+      ('digits', 100, 50)
+    """
     if isinstance(dataset, data_lib.Dataset):
         ds = dataset
     elif isinstance(dataset, str):
@@ -589,6 +717,13 @@ def _run(
 
 
 def tensorboard_available() -> bool:
+    """Whether the ``tensorboard`` package is installed (needed for ``tensorboard_dir``).
+
+    Example:
+      >>> from kflip import bench
+      >>> isinstance(bench.tensorboard_available(), bool)
+      True
+    """
     return importlib.util.find_spec("tensorboard") is not None
 
 
@@ -655,6 +790,14 @@ def train(
     Returns:
       The run's result dict (also written to ``history.json``), and the model if
       ``return_model``.
+
+    Example: ``bench.train("digits", epochs=1, verbose=0)`` trains the digits MLP with
+    FlipLSTM (a few seconds). Bad options are refused before any training:
+      >>> from kflip import bench
+      >>> bench.train(greedy=True, greedy_options={"order": "bogus"})
+      Traceback (most recent call last):
+      ...
+      ValueError: `order` must be one of ('index', 'random', 'gradient'), got 'bogus'.
     """
     if tensorboard_dir and not tensorboard_available():
         raise ValueError(
@@ -718,6 +861,14 @@ def time_train_steps(
     outputs are fetched, so it has finished) and the median over all
     ``rounds * steps`` steps is returned per key, which discounts steps that lost the
     CPU to other processes. Note: this trains the models further.
+
+    Example: ``time_train_steps({"bop": net_a, "fliplstm": net_b}, x, y)`` with models
+    from :func:`compiled_model` returns ``{"bop": seconds, "fliplstm": seconds}``.
+      >>> from kflip import bench
+      >>> bench.time_train_steps({}, None, None, steps=0)
+      Traceback (most recent call last):
+      ...
+      ValueError: `steps` must be a positive int, got 0.
     """
     _check_positive_int("steps", steps)
     _check_positive_int("rounds", rounds)
@@ -750,7 +901,16 @@ def compiled_model(
     seed: int = 0,
     optimizer_options: dict | None = None,
 ) -> tf.keras.Model:
-    """A freshly built model compiled like the bench's (XLA), not trained."""
+    """A freshly built model compiled like the bench's (XLA), not trained.
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> net = bench.compiled_model(kflip.data.digits(), model="mlp",
+      ...                            model_options={"hidden": (16,)}, optimizer="fliplstm")
+      >>> type(net.optimizer).__name__
+      'FlipLSTM'
+    """
     tf.keras.utils.set_random_seed(int(seed))
     net = build_model(model, ds, **model_options)
     net.compile(
@@ -780,6 +940,14 @@ def step_times(
 
     Returns ``{"step_ms": {name: ms}, "rel_bop": {name: ratio}}`` (``rel_bop`` only
     if ``"bop"`` is among ``optimizers``).
+
+    Example: ``bench.step_times(optimizers=["bop", "fliplstm"])`` times both on the
+    digits MLP (about a minute).
+      >>> from kflip import bench
+      >>> bench.step_times(optimizers=["sgd"])
+      Traceback (most recent call last):
+      ...
+      ValueError: `optimizer` must be one of ['adam-ste', 'bop', 'fliplstm-gradient', 'fliplstm'], got 'sgd'.
     """
     ds = resolve_dataset(dataset, data_dir)
     _, model_options = _defaults_for(ds, 1, model, model_options)
@@ -808,6 +976,13 @@ def _sync(out):
 # The benchmark
 # ---------------------------------------------------------------------------------
 def machine_info() -> dict:
+    """Date, platform, CPU count and package versions, for ``results.json``.
+
+    Example:
+      >>> from kflip import bench
+      >>> sorted(bench.machine_info())
+      ['cpu_count', 'date_utc', 'kflip', 'larq', 'platform', 'processor', 'python', 'tensorflow']
+    """
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "platform": platform.platform(),
@@ -830,7 +1005,20 @@ def _mean_std(values):
 
 
 def summarize(runs: list[dict], step_seconds: dict) -> list[dict]:
-    """One row per optimizer (in order of appearance) from the per-seed runs."""
+    """One row per optimizer (in order of appearance) from the per-seed runs.
+
+    ``step_seconds`` maps optimizer names to step times (from
+    :func:`time_train_steps`).
+
+    Example:
+      >>> from kflip import bench
+      >>> runs = [dict(optimizer="bop", seed=s, test_accuracy=a, wall_seconds=10.0,
+      ...              state_bytes_per_binary_weight=4.0, flips_per_step=2.0)
+      ...         for s, a in [(0, 0.90), (1, 0.92)]]
+      >>> row, = bench.summarize(runs, {"bop": 0.004})
+      >>> row["seeds"], round(row["test_accuracy_mean"], 4), row["step_ms"]
+      ([0, 1], 0.91, 4.0)
+    """
     order = list(dict.fromkeys(r["optimizer"] for r in runs))
     bop = step_seconds.get("bop")
     rows = []
@@ -861,7 +1049,18 @@ def summarize(runs: list[dict], step_seconds: dict) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The bench table as GitHub-flavoured Markdown."""
+    """The bench table as GitHub-flavoured Markdown.
+
+    Example:
+      >>> from kflip import bench
+      >>> runs = [dict(optimizer="bop", seed=s, test_accuracy=a, wall_seconds=10.0,
+      ...              state_bytes_per_binary_weight=4.0, flips_per_step=2.0)
+      ...         for s, a in [(0, 0.90), (1, 0.92)]]
+      >>> print(bench.format_table(bench.summarize(runs, {"bop": 0.004})))
+      | optimizer | test accuracy (%) | wall s / run | step ms | step time / Bop | state B / binary weight | flips / step |
+      |---|---|---|---|---|---|---|
+      | bop | 91.00 +/- 1.41 | 10.0 | 4.00 | 1.00 | 4.00 | 2.0 |
+    """
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
@@ -933,6 +1132,14 @@ def bench(
     Returns:
       ``{"config", "machine", "runs", "summary", "table", "step_seconds", "notes",
       "files"}``.
+
+    Example: ``bench.bench()`` (the ``kflip bench`` command) runs the full comparison
+    on digits and writes ``kflip-bench/``; it takes minutes, so here only its checks:
+      >>> from kflip import bench
+      >>> bench.bench(optimizers=["bop", "bop"])
+      Traceback (most recent call last):
+      ...
+      ValueError: `optimizers` has duplicates: ['bop', 'bop'].
     """
     say = print_fn or (lambda s: None)
     optimizers = list(optimizers)

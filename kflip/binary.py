@@ -17,13 +17,55 @@ def is_binary_variable(var) -> bool:
     quantizer such as ``"ste_sign"`` or ``larq.quantizers.NoOp(precision=1)``; the same
     predicate as ``larq.optimizers.Bop.is_binary_variable``, so it can be handed to
     ``larq.optimizers.CaseOptimizer``.
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> [kflip.is_binary_variable(v) for v in model.trainable_variables]
+      [True, False, True, False]
     """
     return getattr(var, "precision", None) == 1
 
 
 def binary_variables(model) -> list:
-    """The binary trainable variables of ``model``, in layer order (front to back)."""
+    """The binary trainable variables of ``model``, in layer order (front to back).
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> [tuple(v.shape) for v in kflip.binary_variables(model)]
+      [(64, 16), (16, 10)]
+    """
     return [v for v in model.trainable_variables if is_binary_variable(v)]
+
+
+def named_binary_variables(model) -> list:
+    """``(name, variable)`` for every binary variable of ``model``, front to back.
+
+    ``name`` is ``"<layer name>/<weight name>"`` (e.g. ``"quant_dense/kernel"``), taken
+    from the layer that owns the variable, so it stays right after
+    ``tf.keras.models.load_model`` (which names every kernel just ``kernel:0``).
+
+    >>> import kflip, tensorflow as tf
+    >>> tf.keras.backend.clear_session()  # fresh layer names
+    >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+    >>> [name for name, _ in kflip.binary.named_binary_variables(model)]
+    ['quant_dense/kernel', 'quant_dense_1/kernel']
+    """
+    owner = {}
+    for layer in [model, *model.submodules]:  # pre-order: inner layers come later
+        if isinstance(layer, tf.keras.layers.Layer):
+            for w in layer.trainable_weights:
+                owner[w.ref()] = layer.name
+    out, seen = [], set()
+    for v in binary_variables(model):
+        name = f"{owner.get(v.ref(), model.name)}/{v.name.split('/')[-1].split(':')[0]}"
+        base, k = name, 2
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        seen.add(name)
+        out.append((name, v))
+    return out
 
 
 def snap_binary_weights(model) -> int:
@@ -31,6 +73,14 @@ def snap_binary_weights(model) -> int:
 
     Returns the number of binary variables. FlipLSTM does this itself on its first
     step; call it to start from exact binary weights (e.g. before greedy search).
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> kflip.snap_binary_weights(model)  # the initial kernels are floats
+      2
+      >>> sorted(set(kflip.binary_variables(model)[0].numpy().ravel()))
+      [-1.0, 1.0]
     """
     variables = binary_variables(model)
     for v in variables:
@@ -39,7 +89,18 @@ def snap_binary_weights(model) -> int:
 
 
 def assert_binary(model) -> None:
-    """Raise AssertionError unless every binary weight of ``model`` is exactly +-1."""
+    """Raise AssertionError unless every binary weight of ``model`` is exactly +-1.
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> kflip.assert_binary(model)  # freshly initialised: latent floats
+      Traceback (most recent call last):
+      ...
+      AssertionError: binary variable quant_dense.../kernel:0 has values other than +-1
+      >>> _ = kflip.snap_binary_weights(model)
+      >>> kflip.assert_binary(model)  # passes silently
+    """
     for v in binary_variables(model):
         x = tf.convert_to_tensor(v)
         ok = bool(tf.reduce_all(tf.logical_or(tf.equal(x, 1.0), tf.equal(x, -1.0))))

@@ -21,10 +21,27 @@ class FlipRate(tf.keras.callbacks.Callback):
     """Log the flip rate of every binary layer into the Keras logs.
 
     At the end of each epoch (and, with ``every_n_batches``, every so many batches)
-    adds ``flip_rate/<variable>``: the fraction of that variable's weights flipped per
-    step since the last report, and ``flip_rate``: the same over all binary weights.
+    adds ``flip_rate/<layer>/<weight>`` (e.g. ``flip_rate/quant_dense/kernel``): the
+    fraction of that variable's weights flipped per step since the last report, and ``flip_rate``: the same over all binary weights.
     These land in ``History`` and, if a ``TensorBoard`` callback comes after this one
     in the list, in TensorBoard. ``history`` keeps every per-batch report.
+
+    Example:
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> tf.keras.backend.clear_session()  # deterministic layer names
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> model.compile(kflip.FlipLSTM(), "sparse_categorical_crossentropy")
+      >>> rate = kflip.FlipRate(every_n_batches=1)
+      >>> hist = model.fit(ds.x_train[:128], ds.y_train[:128], batch_size=64,
+      ...                  callbacks=[rate], verbose=0)
+      >>> sorted(k for k in hist.history if k.startswith("flip_rate"))
+      ['flip_rate', 'flip_rate/quant_dense/kernel', 'flip_rate/quant_dense_1/kernel']
+      >>> [r["step"] for r in rate.history]  # one report per batch
+      [1, 2]
+      >>> 0.0 <= hist.history["flip_rate"][0] <= 1.0
+      True
     """
 
     def __init__(self, every_n_batches: int | None = None):
@@ -45,8 +62,8 @@ class FlipRate(tf.keras.callbacks.Callback):
             raise ValueError("FlipRate needs a model compiled with kflip.FlipLSTM.")
         counts, sizes = {}, {}
         for opt in opts:
-            counts.update(opt.flip_counts())
-            sizes.update(opt.binary_sizes())
+            counts.update(opt.flip_counts(self.model))
+            sizes.update(opt.binary_sizes(self.model))
         return int(opts[0].iterations.numpy()), counts, sizes
 
     def _rates(self, mark: str):

@@ -1,8 +1,9 @@
 """The coordinatewise flip LSTM: weights, features and one pure-TensorFlow step.
 
-This module is the single source of the FlipLSTM rule. The Keras optimizer
-(:mod:`kflip.optimizer`) and meta-training (:mod:`kflip.meta`) both call
-:func:`flip_step`; nothing here knows about Keras.
+This module holds the LSTM weights and the per-weight cell; :mod:`kflip.rule` turns
+them into the flip rule (``init``/``update``) that the Keras optimizer
+(:mod:`kflip.optimizer`) and meta-training (:mod:`kflip.meta`) both call. Nothing
+here knows about Keras.
 
 The rule, per binary weight ``theta`` in {-1, +1} with float gradient ``g``:
 
@@ -65,6 +66,19 @@ class LSTMWeights:
       beta: decay of the per-tensor ``mean(g**2)`` average used by feature 1.
       eps: added to that average before the square root.
       metadata: free-form JSON-able description (how the weights were made).
+
+    Example:
+      >>> import os, tempfile
+      >>> import kflip
+      >>> w = kflip.bop_weights()  # or kflip.cell.load_weights() for the shipped ones
+      >>> w.hidden_size, w.kernel.shape, w.recurrent.shape
+      (1, (2, 4), (1, 4))
+      >>> w.padded(4).kernel.shape  # 4 units, the 3 extra ones inert
+      (2, 16)
+      >>> path = os.path.join(tempfile.mkdtemp(), "bop.npz")
+      >>> w.save(path)  # bop.npz (arrays) and bop.json (metadata)
+      >>> kflip.LSTMWeights.load(path).metadata["init"]
+      'analytic-bop'
     """
 
     kernel: np.ndarray
@@ -283,12 +297,25 @@ def bop_weights(
     candidate ``tanh(scale * theta g)`` (linear for small ``scale * g``), output gate
     saturated at 1, so ``c = scale * theta m``; read-out ``y = tanh(scale*threshold) -
     h`` is negative exactly when ``theta m > threshold``. The flip-frame state negation
-    of :func:`flip_step` plays the role of Bop's momentum staying put while theta
+    of :mod:`kflip.rule` plays the role of Bop's momentum staying put while theta
     changes sign.
 
     With ``normalized=True`` the rule reads feature 1 (gradient divided by the
     per-tensor RMS gradient) instead of the raw gradient, so ``threshold`` is in units
     of RMS gradients and the rule is independent of the loss scale.
+
+    Example:
+      >>> import kflip
+      >>> w = kflip.bop_weights(threshold=1e-6, gamma=1e-3)
+      >>> w.hidden_size, w.metadata["bop"]["gamma"]
+      (1, 0.001)
+      >>> opt = kflip.FlipLSTM(w)  # behaves like larq.optimizers.Bop(1e-6, 1e-3)
+      >>> opt.state_bytes_per_weight
+      8
+
+    References:
+      - [Helwegen et al., 2019. Latent Weights Do Not Exist: Rethinking Binarized
+        Neural Network Optimization](https://arxiv.org/abs/1906.02107)
     """
     if not threshold >= 0:
         raise ValueError(f"`threshold` must be >= 0, got {threshold}.")
@@ -324,7 +351,16 @@ def bop_weights(
 
 
 def load_weights(weights: Any = None) -> LSTMWeights:
-    """Resolve ``weights``: None/"default", a path, a config dict or LSTMWeights."""
+    """Resolve ``weights``: None/"default", a path, a config dict or LSTMWeights.
+
+    Example:
+      >>> import kflip
+      >>> kflip.cell.load_weights().hidden_size  # the weights shipped with kflip
+      1
+      >>> config = kflip.bop_weights().get_config()
+      >>> kflip.cell.load_weights(config).metadata["init"]
+      'analytic-bop'
+    """
     if weights is None or (isinstance(weights, str) and weights == "default"):
         return LSTMWeights.load(DEFAULT_WEIGHTS)
     if isinstance(weights, LSTMWeights):
@@ -341,7 +377,16 @@ def load_weights(weights: Any = None) -> LSTMWeights:
 
 # ---- the pure TensorFlow rule ----------------------------------------------------------
 class CellTensors(NamedTuple):
-    """LSTMWeights as tensors (what the pure functions consume)."""
+    """LSTMWeights as tensors (what the pure functions consume).
+
+    Example:
+      >>> import kflip
+      >>> w = kflip.bop_weights()
+      >>> kflip.cell.CellTensors.from_weights(w).kernel.shape
+      TensorShape([2, 4])
+      >>> type(kflip.cell.CellTensors.from_weights(w, constant=True).bias).__name__
+      'ndarray'
+    """
 
     kernel: tf.Tensor
     recurrent: tf.Tensor
@@ -379,6 +424,19 @@ def lstm_cell(
     multiply-adds on parameter-shaped tensors (F and H are small and static), so XLA
     fuses the whole cell into one elementwise loop over contiguous memory instead of
     launching dots with inner dimension 1 or 2 or slicing interleaved gate blocks.
+
+    Example (the Bop cell with threshold 0 flips where ``theta * g > 0``):
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> w = kflip.bop_weights(threshold=0.0, gamma=0.5)
+      >>> cell = kflip.cell.CellTensors.from_weights(w)
+      >>> theta_grad = tf.constant([1.0, -1.0])  # two weights, in their own frame
+      >>> h = c = tf.zeros([2, 1])  # state shape: parameter shape + [H]
+      >>> y, h, c = kflip.cell.lstm_cell(cell, [theta_grad, tf.zeros(2)], h, c)
+      >>> (y < 0).numpy()  # y < 0: flip
+      array([ True, False])
+      >>> h.shape
+      TensorShape([2, 1])
     """
     hidden = int(h.shape[-1])
     hs = [h[..., k] for k in range(hidden)]
@@ -452,21 +510,18 @@ def _tanh(z):
     return math.tanh(z) if isinstance(z, float) else tf.tanh(z)
 
 
-class StepOut(NamedTuple):
-    sign: tf.Tensor  # +1 keep / -1 flip, shape S (dtype of theta)
-    y: tf.Tensor  # LSTM output g_t, shape S
-    h: tf.Tensor
-    c: tf.Tensor
-    v: tf.Tensor  # updated per-tensor mean(g^2) average (scalar)
-    finite: tf.Tensor  # bool, shape S: gradient was finite at this coordinate
-
-
 def fast_sum(x):
     """Sum of all entries of ``x`` as a matrix-vector product.
 
     On XLA:CPU a plain ``reduce_sum`` over a large tensor runs as one scalar loop;
     ``[rows, cols] @ ones[cols]`` goes to the vectorised, threaded dot kernel and is
     about 3x faster here (see benchmarks/fliplstm_mnist.py for the step time).
+
+    Example:
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> float(kflip.cell.fast_sum(tf.ones([3, 4])))
+      12.0
     """
     if x.shape.rank is None or x.shape.rank < 2:
         return tf.reduce_sum(x)
@@ -480,6 +535,21 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
 
     ``step`` is the 1-based step count used for bias correction of ``v``.
     Non-finite gradient entries are replaced by 0 (and count as 0 in the moment).
+    Returns ``(features, v_new, finite)``: the F feature tensors, the new moment and
+    the mask of gradient entries that were used.
+
+    Example:
+      >>> import kflip
+      >>> import numpy as np
+      >>> import tensorflow as tf
+      >>> theta, grad = tf.constant([1.0, -1.0]), tf.constant([0.5, 0.5])
+      >>> (tg, tg_norm), v, finite = kflip.cell.features_and_moment(
+      ...     theta, grad, v=tf.constant(0.0), step=1, beta=0.5, eps=1e-20)
+      >>> tg.numpy(), tg_norm.numpy(), float(v)  # v = 0.5 * mean(g**2)
+      (array([ 0.5, -0.5], dtype=float32), array([ 1., -1.], dtype=float32), 0.125)
+      >>> grad = tf.constant([0.5, np.nan])
+      >>> kflip.cell.features_and_moment(theta, grad, tf.constant(0.0), 1, 0.5, 1e-20)[2]
+      <tf.Tensor: shape=(2,), dtype=bool, numpy=array([ True, False])>
     """
     finite = tf.math.is_finite(grad)
     g = tf.where(finite, grad, tf.zeros_like(grad))
@@ -494,109 +564,26 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
 
 
-def flip_step(
-    cell: CellTensors,
-    theta: tf.Tensor,
-    grad: tf.Tensor,
-    h: tf.Tensor,
-    c: tf.Tensor,
-    v: tf.Tensor,
-    step,
-    *,
-    beta: float,
-    eps: float,
-    flip_threshold=0.0,
-    max_flips: int | None = None,
-) -> StepOut:
-    """The FlipLSTM rule for one tensor of binary weights ``theta`` (exactly +-1).
-
-    Returns the per-coordinate sign ``s`` (``theta_new = theta * s``) and the new state,
-    already re-expressed in the frame of ``theta_new``. Where the gradient is NaN/Inf,
-    nothing flips and the state is left as it was.
-
-    ``max_flips``: if set, at most this many coordinates flip (those with the most
-    negative ``y``; ties at the cut go to the lower index).
-    """
-    feats, v_new, finite = features_and_moment(theta, grad, v, step, beta, eps)
-    y, h_new, c_new = lstm_cell(cell, feats, h, c)
-    flip = tf.logical_and(y < -flip_threshold, finite)
-    if max_flips is not None:
-        flip = _limit_flips(flip, y, max_flips)
-    one = tf.ones_like(theta)
-    s = tf.where(flip, -one, one)
-    h_out, c_out = _reframe(s, finite, (h_new, c_new), (h, c))
-    return StepOut(s, y, h_out, c_out, v_new, finite)
-
-
-def _reframe(s, finite, new_state, old_state):
-    """New state in the frame of ``theta * s``; the old state where grad was not finite."""
-    keep = finite[..., None]
-    return tuple(
-        tf.where(keep, new * s[..., None], old) for new, old in zip(new_state, old_state)
-    )
-
-
-def _limit_flips(flip, y, max_flips: int):
-    """Keep only the ``max_flips`` most negative ``y`` among ``flip``."""
-    flat_flip = tf.reshape(flip, [-1])
-    k = int(min(max_flips, flat_flip.shape[0]))
-
-    def cut():
-        neg_inf = tf.fill(tf.shape(flat_flip), tf.constant(-np.inf, y.dtype))
-        score = tf.where(flat_flip, -tf.reshape(y, [-1]), neg_inf)
-        # Exactly k winners, ties broken by index (top_k is stable), never more.
-        winners = tf.math.top_k(score, k=k, sorted=True).indices
-        ones = tf.ones([k], y.dtype)
-        keep = tf.scatter_nd(winners[:, None], ones, tf.shape(flat_flip)) > 0
-        return tf.reshape(keep, tf.shape(flip))
-
-    too_many = tf.reduce_sum(tf.cast(flat_flip, tf.int32)) > k
-    return tf.cond(too_many, cut, lambda: flip)
-
-
 def sign_pm1(x):
-    """Sign with 0 -> +1: the value a binary weight snaps to."""
+    """Sign with 0 -> +1: the value a binary weight snaps to.
+
+    Example:
+      >>> import kflip
+      >>> kflip.cell.sign_pm1([-0.5, 0.0, 2.0]).numpy()
+      array([-1.,  1.,  1.], dtype=float32)
+    """
     x = tf.convert_to_tensor(x)
     return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
 
 
-def latent_step(
-    cell: CellTensors,
-    w: tf.Tensor,
-    grad: tf.Tensor,
-    h: tf.Tensor,
-    c: tf.Tensor,
-    v: tf.Tensor,
-    step,
-    *,
-    beta: float,
-    eps: float,
-    learning_rate,
-    clip: float | None,
-):
-    """Ablation: the LSTM output as an update of *latent* float weights ``w``.
-
-    The same features and cell as :func:`flip_step`, in the frame of
-    ``theta = sign(w)``; ``w <- clip(w + learning_rate * theta * y / rms(y))``, so
-    ``y < 0`` pushes ``w`` towards ``-theta`` (a flip happens when it crosses zero).
-    Dividing by the tensor's RMS output makes ``learning_rate`` the RMS step size,
-    independent of the scale of the LSTM output. Returns ``(StepOut, w_new)``.
-    """
-    theta = sign_pm1(w)
-    feats, v_new, finite = features_and_moment(theta, grad, v, step, beta, eps)
-    y, h_new, c_new = lstm_cell(cell, feats, h, c)
-    y = tf.where(finite, y, tf.zeros_like(y))
-    n = float(max(y.shape.num_elements() or 1, 1))
-    rms = tf.sqrt(fast_sum(tf.square(y)) / n)
-    w_new = w + learning_rate * theta * y / (rms + 1e-30)
-    if clip is not None:
-        w_new = tf.clip_by_value(w_new, -clip, clip)
-    w_new = tf.where(finite, w_new, w)
-    s = sign_pm1(w_new) * theta
-    h_out, c_out = _reframe(s, finite, (h_new, c_new), (h, c))
-    return StepOut(s, y, h_out, c_out, v_new, finite), w_new
-
-
 def state_bytes_per_weight(hidden_size: int, dtype=tf.float32) -> int:
-    """Optimizer-state bytes FlipLSTM keeps per binary weight (``h`` and ``c``)."""
+    """Optimizer-state bytes FlipLSTM keeps per binary weight (``h`` and ``c``).
+
+    Example:
+      >>> import kflip
+      >>> kflip.cell.state_bytes_per_weight(1)  # H = 1: h and c in float32
+      8
+      >>> kflip.cell.state_bytes_per_weight(4)
+      32
+    """
     return 2 * hidden_size * tf.as_dtype(dtype).size

@@ -28,6 +28,24 @@ KNOWN = ("digits", "mnist", "fashion_mnist", "cifar10", "emnist", "kmnist", "svh
 
 @dataclasses.dataclass
 class Dataset:
+    """Train and test arrays: float32 images ``(N, H, W, C)``, int64 labels.
+
+    Construction checks the arrays (equal lengths, non-empty splits, finite images,
+    integer labels in ``0..num_classes-1``) and raises ``ValueError`` otherwise.
+
+    Example:
+      >>> import kflip
+      >>> ds = kflip.data.digits()
+      >>> ds.input_shape, ds.num_classes, len(ds.x_train), len(ds.x_test)
+      ((8, 8, 1), 10, 1438, 359)
+      >>> small = ds.subset(n_train=256, n_test=64)  # the first examples of each split
+      >>> small.x_train.shape, small.y_test.shape
+      ((256, 8, 8, 1), (64,))
+      >>> val = ds.validation_split(200)  # the last 200 training examples as test set
+      >>> val.name, len(val.x_train), len(val.x_test)
+      ('digits-val', 1238, 200)
+    """
+
     name: str
     x_train: np.ndarray
     y_train: np.ndarray
@@ -60,9 +78,11 @@ class Dataset:
 
     @property
     def input_shape(self):
+        """Shape of one example, ``(H, W, C)``."""
         return tuple(self.x_train.shape[1:])
 
     def subset(self, n_train: int | None = None, n_test: int | None = None) -> "Dataset":
+        """The first ``n_train`` training and ``n_test`` test examples (None: all)."""
         return dataclasses.replace(
             self,
             x_train=self.x_train[:n_train],
@@ -97,7 +117,19 @@ def _images(x) -> np.ndarray:
 
 
 def class_labels(y, what: str) -> np.ndarray:
-    """Integer class labels >= 0; fractional, negative or non-finite labels are refused."""
+    """Integer class labels >= 0; fractional, negative or non-finite labels are refused.
+
+    ``what`` names the labels in the error message.
+
+    Example:
+      >>> import kflip
+      >>> kflip.data.class_labels([[0], [1.0], [2]], "y_train")
+      array([0, 1, 2])
+      >>> kflip.data.class_labels([0, 1.5], "y_train")
+      Traceback (most recent call last):
+      ...
+      ValueError: y_train: labels must be whole numbers, got 1.5.
+    """
     y = np.asarray(y).reshape(-1)
     if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
         raise ValueError(f"{what}: labels must be integers, got dtype {y.dtype}.")
@@ -119,7 +151,19 @@ def _dataset(name, xtr, ytr, xte, yte, source) -> Dataset:
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), fixed split."""
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images), fixed split.
+
+    Offline (no download). ``test_fraction`` of the images, chosen by ``seed``, form
+    the test set; pixel values 0..16 are mapped to [-1, 1].
+
+    Example:
+      >>> import kflip
+      >>> ds = kflip.data.digits()
+      >>> ds.x_train.shape, ds.x_train.dtype, ds.y_train.dtype
+      ((1438, 8, 8, 1), dtype('float32'), dtype('int64'))
+      >>> float(ds.x_train.min()), float(ds.x_train.max())
+      (-1.0, 1.0)
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
@@ -136,12 +180,35 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def npz_candidates(name: str, data_dir: str | None = None) -> list[str]:
+    """Where :func:`load` looks for ``<name>.npz``: in ``data_dir``, then ``$KFLIP_DATA_DIR``.
+
+    Example:
+      >>> import kflip
+      >>> kflip.data.npz_candidates("mnist", "/data")
+      ['/data/mnist.npz', '/data/mnist/mnist.npz'...]
+    """
     roots = [r for r in (data_dir, os.environ.get(ENV_DATA_DIR)) if r]
     return [p for r in roots for p in (os.path.join(r, f"{name}.npz"), os.path.join(r, name, f"{name}.npz"))]
 
 
 def from_npz(path: str, name: str | None = None) -> Dataset:
-    """Read an ``.npz`` with arrays ``x_train, y_train, x_test, y_test`` (no pickles)."""
+    """Read an ``.npz`` with arrays ``x_train, y_train, x_test, y_test`` (no pickles).
+
+    Images of shape ``(N, H, W)`` get a channel axis; ``uint8`` images (or values
+    above 1.5) are scaled from 0..255 to [-1, 1]. The classes are those of
+    ``y_train``; ``name`` defaults to the file name.
+
+    Example:
+      >>> import os, tempfile
+      >>> import kflip
+      >>> import numpy as np
+      >>> path = os.path.join(tempfile.mkdtemp(), "toy.npz")
+      >>> x = np.zeros((6, 4, 4), np.uint8)
+      >>> np.savez(path, x_train=x, y_train=[0, 1, 2, 0, 1, 2], x_test=x[:2], y_test=[0, 2])
+      >>> ds = kflip.data.from_npz(path)
+      >>> ds.name, ds.input_shape, ds.num_classes, float(ds.x_train.max())
+      ('toy', (4, 4, 1), 3, -1.0)
+    """
     if os.path.isdir(path) or not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not an .npz archive (arrays x_train, y_train, x_test, y_test).")
     try:
@@ -177,7 +244,23 @@ def _from_tfds(name: str, data_dir: str | None, download: bool) -> Dataset:
 
 
 def load(name: str = "digits", data_dir: str | None = None, download: bool = False) -> Dataset:
-    """Load dataset ``name`` (see the module docstring for the lookup order)."""
+    """Load dataset ``name`` (see the module docstring for the lookup order).
+
+    Raises ``FileNotFoundError`` saying which file to put where when ``name`` is not
+    available offline (and ``download`` is False).
+
+    Example:
+      >>> import os, tempfile
+      >>> import kflip
+      >>> import numpy as np
+      >>> kflip.data.load("digits").source
+      'sklearn.datasets.load_digits'
+      >>> data_dir = tempfile.mkdtemp()  # or set $KFLIP_DATA_DIR
+      >>> x, y = np.zeros((4, 28, 28), np.uint8), np.array([0, 1, 0, 1])
+      >>> np.savez(os.path.join(data_dir, "tiny.npz"), x_train=x, y_train=y, x_test=x, y_test=y)
+      >>> kflip.data.load("tiny", data_dir=data_dir).x_train.shape
+      (4, 28, 28, 1)
+    """
     if not isinstance(name, str) or not name:
         raise ValueError(f"`name` must be a dataset name, got {name!r}.")
     if data_dir is not None and not os.path.isdir(data_dir):

@@ -57,6 +57,12 @@ def pack_pm1(x) -> tf.Tensor:
     each byte the first weight is the most significant bit, and a set bit means
     ``-1`` (the same layout as ``np.packbits(x.ravel() < 0)``). Values are classified
     by sign (``x < 0`` is -1), so pass exact +-1 tensors. Pure TF, XLA-compilable.
+
+    Example:
+      >>> import kflip
+      >>> words = kflip.export.pack_pm1([1.0, -1.0, -1.0, 1.0, 1.0, 1.0, 1.0, 1.0, -1.0])
+      >>> words.numpy()  # 0b01100000, then the 9th weight padded with seven +1s
+      array([ 96, 128], dtype=uint8)
     """
     x = tf.convert_to_tensor(x)
     bits = tf.cast(tf.reshape(x, [-1]) < 0, tf.int32)
@@ -72,6 +78,15 @@ def unpack_pm1(packed, shape, dtype=tf.float32) -> tf.Tensor:
 
     Pure TF (shift, and, select), XLA-compilable; this is what runs inside an
     exported SavedModel.
+
+    Example:
+      >>> import kflip
+      >>> import numpy as np
+      >>> words = np.array([96, 128], np.uint8)  # from pack_pm1
+      >>> kflip.export.unpack_pm1(words, [3, 3]).numpy()
+      array([[ 1., -1., -1.],
+             [ 1.,  1.,  1.],
+             [ 1.,  1., -1.]], dtype=float32)
     """
     shape = [int(d) for d in shape]
     n = int(np.prod(shape, dtype=np.int64))
@@ -301,6 +316,21 @@ def export(
       ``binary_kernel_bytes_float32`` (what float32 storage would take),
       ``max_abs_diff`` between the reloaded SavedModel and Keras on ``sample``, and
       with ``tflite`` the ``tflite_*`` entries.
+
+    Example (``kflip.export(...)`` is short for ``kflip.export.export(...)``):
+      >>> import os, tempfile
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> path = os.path.join(tempfile.mkdtemp(), "bnn")
+      >>> report = kflip.export(model, path)
+      >>> report["binary_weights"], report["binary_kernel_bytes"]  # 1 bit per weight
+      (1184, 148)
+      >>> report["max_abs_diff"] < 1e-6  # the reloaded SavedModel matches Keras
+      True
+      >>> served = tf.saved_model.load(path).signatures["serving_default"]
+      >>> served(inputs=tf.zeros([2, 8, 8, 1]))["output_0"].shape
+      TensorShape([2, 10])
     """
     if not isinstance(model, tf.keras.Model):
         raise ValueError(f"`model` must be a tf.keras.Model, got {type(model).__name__}.")
@@ -435,7 +465,16 @@ def _tflite_ops(flatbuffer: bytes) -> set:
 
 # ---- CLI -------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``kflip export`` arguments to ``parser``."""
+    """Add the ``kflip export`` arguments to ``parser``.
+
+    Example:
+      >>> import argparse
+      >>> import kflip
+      >>> parser = kflip.export.add_arguments(argparse.ArgumentParser(prog="kflip export"))
+      >>> args = parser.parse_args(["model.keras", "out", "--no-pack"])
+      >>> args.model_path, args.out_dir, args.pack, args.tflite
+      ('model.keras', 'out', False, False)
+    """
     parser.add_argument(
         "model_path",
         metavar="MODEL_PATH",
@@ -460,7 +499,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def load_model(model_path):
-    """Load a Keras model for export (larq and kflip objects registered, no compile)."""
+    """Load a Keras model for export (larq and kflip objects registered, no compile).
+
+    Example:
+      >>> import os, tempfile
+      >>> import kflip
+      >>> path = os.path.join(tempfile.mkdtemp(), "model.keras")
+      >>> kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,)).save(path)
+      >>> kflip.export.load_model(path).output_shape
+      (None, 10)
+    """
     import larq  # noqa: F401  (registers larq layers/quantizers)
 
     import kflip  # noqa: F401  (registers FlipLSTM)
@@ -500,6 +548,15 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    """``kflip export MODEL_PATH OUT_DIR [--no-pack] [--tflite] [--overwrite]``.
+
+    Parses ``argv`` (default ``sys.argv[1:]``) and returns :func:`run`'s exit code.
+
+    Example:
+      >>> import kflip
+      >>> kflip.export.main(["missing.keras", "out"])  # the error goes to stderr
+      2
+    """
     parser = add_arguments(argparse.ArgumentParser(prog="kflip export", description=__doc__.splitlines()[0]))
     return run(parser.parse_args(argv))
 

@@ -1104,6 +1104,19 @@ def greedy_flip(
 
     Returns:
       A :class:`GreedyReport`.
+
+    Example:
+      >>> import kflip
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(8,))
+      >>> _ = kflip.snap_binary_weights(model)
+      >>> report = kflip.greedy_flip(model, ds.x_train, ds.y_train, probe_size=64,
+      ...                            max_seconds=1.0)
+      >>> type(report).__name__, report.probe_size, len(report.layers)
+      ('GreedyReport', 64, 2)
+      >>> report.loss_after <= report.loss_before  # only improving flips are kept
+      True
+      >>> kflip.assert_binary(model)
     """
     arguments = locals()
     _check_values(**{k: arguments[k] for k in _CHECKED})
@@ -1449,6 +1462,19 @@ class GreedyFlip(tf.keras.callbacks.Callback):
     in the list. The run at train end adds them to the ``logs`` of ``on_train_end``
     and to ``model.history.history`` (one entry per key). Every report is kept in
     ``reports`` as ``(epoch, GreedyReport)``.
+
+    Example:
+      >>> import kflip
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(8,))
+      >>> model.compile(kflip.FlipLSTM(), "sparse_categorical_crossentropy")
+      >>> greedy = kflip.GreedyFlip(ds.x_train, ds.y_train, probe_size=64, max_seconds=0.5)
+      >>> hist = model.fit(ds.x_train[:128], ds.y_train[:128], batch_size=64,
+      ...                  callbacks=[greedy], verbose=0)
+      >>> [(epoch, type(r).__name__) for epoch, r in greedy.reports]  # at train end
+      [(1, 'GreedyReport')]
+      >>> "greedy/loss_after@train_end" in hist.history
+      True
     """
 
     def __init__(self, x, y=None, every_n_epochs=None, at_train_end=True, snap=False,

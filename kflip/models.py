@@ -29,7 +29,14 @@ def _check_positive(name, values):
 
 
 def mlp(input_shape=(28, 28, 1), num_classes: int = 10, hidden=(512, 512)) -> tf.keras.Model:
-    """BinaryNet-style MLP: [binary Dense -> BN] x len(hidden) -> binary Dense -> BN."""
+    """BinaryNet-style MLP: [binary Dense -> BN] x len(hidden) -> binary Dense -> BN.
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> model.output_shape, [tuple(v.shape) for v in kflip.binary_variables(model)]
+      ((None, 10), [(64, 16), (16, 10)])
+    """
     hidden = tuple(hidden)
     _check_positive("hidden", hidden)
     layers = [tf.keras.Input(input_shape), tf.keras.layers.Flatten()]
@@ -44,7 +51,14 @@ def mlp(input_shape=(28, 28, 1), num_classes: int = 10, hidden=(512, 512)) -> tf
 
 
 def cnn(input_shape=(28, 28, 1), num_classes: int = 10, filters=(32, 64, 64), dense: int = 64) -> tf.keras.Model:
-    """The larq MNIST tutorial CNN (conv 32-64-64, dense 64-10)."""
+    """The larq MNIST tutorial CNN (conv 32-64-64, dense 64-10).
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.cnn(input_shape=(28, 28, 1))
+      >>> model.output_shape, len(kflip.binary_variables(model))
+      ((None, 10), 5)
+    """
     _check_positive("filters", tuple(filters))
     _check_positive("dense", (dense,))
     f1, f2, f3 = filters
@@ -75,6 +89,19 @@ def binarynet(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0
     """BinaryNet VGG-style net for CIFAR-10 (Courbariaux et al. 2016).
 
     ``width`` scales every layer (1.0: 128-128-256-256-512-512 conv, 1024-1024 dense).
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.binarynet(input_shape=(32, 32, 3), width=0.125)
+      >>> model.output_shape, len(kflip.binary_variables(model))
+      ((None, 10), 9)
+      >>> model.layers[0].filters  # 128 * 0.125
+      16
+
+    References:
+      - [Courbariaux et al., 2016. Binarized Neural Networks: Training Deep Neural
+        Networks with Weights and Activations Constrained to +1 or
+        -1](https://arxiv.org/abs/1602.02830)
     """
     if not width > 0:
         raise ValueError(f"`width` must be > 0, got {width!r}.")
@@ -96,6 +123,15 @@ MODELS = {"mlp": mlp, "cnn": cnn, "binarynet": binarynet}
 
 
 def build(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
+    """The model called ``name`` (``"mlp"``, ``"cnn"`` or ``"binarynet"``); ``kwargs``
+    go to its builder.
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.build("mlp", (8, 8, 1), num_classes=10, hidden=(16,))
+      >>> model.name, model.output_shape
+      ('mlp', (None, 10))
+    """
     if name not in MODELS:
         raise ValueError(f"`model` must be one of {sorted(MODELS)}, got {name!r}.")
     return MODELS[name](input_shape=input_shape, num_classes=num_classes, **kwargs)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 from kflip import _keras
@@ -13,22 +12,14 @@ import tensorflow as tf  # noqa: E402
 
 from kflip import _checks as checks  # noqa: E402
 from kflip import cell as cell_lib  # noqa: E402
-from kflip.binary import is_binary_variable  # noqa: E402
+from kflip import rule as rule_lib  # noqa: E402
+from kflip.binary import is_binary_variable, named_binary_variables  # noqa: E402
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
 _OUTPUTS = ("flip", "gradient")
-_COUNTER_BASE = 2.0**20
+_COUNTER_BASE = 2**20
 # Slots whose shape is not the variable's (checkpoint restore must be told).
 _SLOT_SHAPES = {"v": [], "flips": [2]}
-
-
-def _var_key(var):
-    # Same key the tf_keras legacy optimizer uses for slots (distributed-aware).
-    if hasattr(var, "_distributed_container"):
-        var = var._distributed_container()
-    if getattr(var, "_in_graph_mode", False):
-        return var._shared_name
-    return var._unique_id
 
 
 def _float_optimizer(identifier):
@@ -96,6 +87,28 @@ class FlipLSTM(Optimizer):
     exactly +1/-1 on the first step and stay so. Every other variable goes to
     ``float_optimizer``.
 
+    Like Bop (Helwegen et al., 2019) there are no latent weights: the optimizer state
+    is the LSTM's ``(h, c)`` per weight, and ``kflip.bop_weights()`` makes the LSTM
+    reproduce Bop exactly. The shipped default weights are meta-learned instead
+    ("learning to learn", Andrychowicz et al., 2016; see ``kflip meta-train``).
+
+    Example:
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> tf.keras.backend.clear_session()  # deterministic layer names
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+      >>> opt = kflip.FlipLSTM()
+      >>> model.compile(opt, "sparse_categorical_crossentropy", jit_compile=True)
+      >>> _ = model.fit(ds.x_train[:128], ds.y_train[:128], batch_size=64, verbose=0)
+      >>> kflip.assert_binary(model)  # kernels are still exactly +-1
+      >>> sorted(set(model.layers[1].kernel.numpy().ravel()))
+      [-1.0, 1.0]
+      >>> sorted(opt.flip_counts(model))  # cumulative flips per binary kernel
+      ['quant_dense/kernel', 'quant_dense_1/kernel']
+      >>> opt.binary_sizes(model)
+      {'quant_dense/kernel': 1024, 'quant_dense_1/kernel': 160}
+
     Args:
       weights: LSTM weights: None or ``"default"`` (the weights shipped in the
         package), a path to an ``.npz`` written by ``kflip meta-train``, an
@@ -114,6 +127,12 @@ class FlipLSTM(Optimizer):
       learning_rate: RMS step size of ``output="gradient"`` on the latent weights
         (default 1e-2: 96.65% vs 95.51% for 1e-3 on the MNIST MLP); unused for flips.
       latent_clip: ``output="gradient"`` clips latent weights to this magnitude.
+
+    References:
+      - [Helwegen et al., 2019. Latent Weights Do Not Exist: Rethinking Binarized
+        Neural Network Optimization](https://arxiv.org/abs/1906.02107)
+      - [Andrychowicz et al., 2016. Learning to learn by gradient descent by gradient
+        descent](https://arxiv.org/abs/1606.04474)
     """
 
     _HAS_AGGREGATE_GRAD = True
@@ -154,9 +173,7 @@ class FlipLSTM(Optimizer):
         self._set_hyper("learning_rate", learning_rate)
         self._float_optimizer = _float_optimizer(float_optimizer)
         self._track_trackable(self._float_optimizer, name="float_optimizer")
-        self._flip_counters: dict = {}
-        self._binary_names: dict = {}
-        self._binary_sizes: dict = {}
+        self._binary_vars: list = []
         self._warned_no_binary = False
 
     # ---- public helpers ----------------------------------------------------------
@@ -179,22 +196,36 @@ class FlipLSTM(Optimizer):
 
     def lstm_state(self, var):
         """``(h, c)`` of binary variable ``var``, each of shape ``var.shape + [H]``."""
-        stack = lambda p: tf.stack(  # noqa: E731
-            [self.get_slot(var, f"{p}{k}") for k in range(self.hidden_size)], axis=-1
-        )
-        return stack("h"), stack("c")
+        state = self._state(var)
+        return state.h, state.c
 
-    def flip_counts(self) -> dict:
-        """Cumulative flips per binary variable name since training started."""
-        out = {}
-        for key, counter in self._flip_counters.items():
-            low, high = (int(x) for x in counter.numpy())
-            out[self._binary_names[key]] = high * int(_COUNTER_BASE) + low
-        return out
+    def _named(self, model):
+        if model is None:
+            names = [v.name.split(":")[0] for v in self._binary_vars]
+            pairs = zip(names, self._binary_vars)
+        else:
+            pairs = named_binary_variables(model)
+        return [(n, v) for n, v in pairs if self._has_state(v)]
 
-    def binary_sizes(self) -> dict:
-        """Number of weights per binary variable name."""
-        return dict(self._binary_sizes)
+    def _has_state(self, var) -> bool:
+        try:
+            self.get_slot(var, "flips")
+        except KeyError:
+            return False
+        return True
+
+    def flip_counts(self, model=None) -> dict:
+        """Cumulative flips per binary variable since training started.
+
+        Keys are ``"<layer>/<weight>"`` names when ``model`` is given (right after
+        ``load_model`` too, where every kernel is called ``kernel:0``), else the
+        variables' own names.
+        """
+        return {n: int(self._state(v).flips) for n, v in self._named(model)}
+
+    def binary_sizes(self, model=None) -> dict:
+        """Number of weights per binary variable, keyed like :meth:`flip_counts`."""
+        return {n: int(v.shape.num_elements()) for n, v in self._named(model)}
 
     # ---- weights / slots ----------------------------------------------------------
     @property
@@ -234,13 +265,11 @@ class FlipLSTM(Optimizer):
             for name in self._state_slot_names():
                 self.add_slot(var, name)
             self.add_slot(var, "v", shape=_SLOT_SHAPES["v"])
-            key = _var_key(var)
-            # Cumulative flips as [low, high] float32 words (low < 2**20 carries into
-            # high), exact far beyond float32's 2**24, and a plain slot of the
-            # variable's dtype, so every Keras/TF save path restores it.
-            self._flip_counters[key] = self.add_slot(var, "flips", shape=_SLOT_SHAPES["flips"])
-            self._binary_names[key] = var.name
-            self._binary_sizes[var.name] = int(var.shape.num_elements())
+            # Cumulative flips as [low, high] words of the variable's dtype (low <
+            # 2**20 carries into high): exact far beyond float32's 2**24, and a plain
+            # slot, so every Keras/TF save path restores it.
+            self.add_slot(var, "flips", shape=_SLOT_SHAPES["flips"])
+            self._binary_vars.append(var)
 
     def _create_or_restore_slot_variable(
         self, slot_variable_position, slot_name, variable, slot_variable_shape=None
@@ -289,65 +318,54 @@ class FlipLSTM(Optimizer):
             ops.append(self.iterations.assign_add(1))
         return tf.group(*ops)
 
+    # ---- Keras slots <-> FlipState ------------------------------------------------
+    def _state(self, var) -> rule_lib.FlipState:
+        """The rule's state of ``var``, read from its slots."""
+        hidden = range(self.hidden_size)
+        low, high = tf.unstack(tf.cast(self.get_slot(var, "flips"), tf.int64))
+        return rule_lib.FlipState(
+            h=tf.stack([self.get_slot(var, f"h{k}") for k in hidden], axis=-1),
+            c=tf.stack([self.get_slot(var, f"c{k}") for k in hidden], axis=-1),
+            v=tf.convert_to_tensor(self.get_slot(var, "v")),
+            step=tf.cast(self.iterations, tf.int64),
+            flips=high * _COUNTER_BASE + low,
+        )
+
+    def _write_state(self, var, state: rule_lib.FlipState) -> list:
+        """Assign ``state`` to the slots of ``var`` (``step`` is Keras' ``iterations``)."""
+        counter = self.get_slot(var, "flips")
+        base = _COUNTER_BASE
+        words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter.dtype)
+        ops = [counter.assign(words), self.get_slot(var, "v").assign(state.v)]
+        for k in range(self.hidden_size):
+            ops.append(self.get_slot(var, f"h{k}").assign(state.h[..., k]))
+            ops.append(self.get_slot(var, f"c{k}").assign(state.c[..., k]))
+        return ops
+
+    def _rule(self, dtype) -> rule_lib.FlipRule:
+        return rule_lib.FlipRule(
+            cell_lib.CellTensors.from_weights(self.lstm_weights, constant=True),
+            self.lstm_weights.beta,
+            self.lstm_weights.eps,
+            flip_threshold=self._decayed("flip_threshold", dtype),
+            max_flip_rate=self.max_flip_rate,
+        )
+
     def _resource_apply_dense(self, grad, var, apply_state=None):
         dtype = var.dtype.base_dtype
         if grad.dtype != dtype:
             grad = tf.cast(grad, dtype)
-        cell = cell_lib.CellTensors.from_weights(self.lstm_weights, dtype, constant=True)
-        hidden = self.hidden_size
-        h = tf.stack([self.get_slot(var, f"h{k}") for k in range(hidden)], axis=-1)
-        c = tf.stack([self.get_slot(var, f"c{k}") for k in range(hidden)], axis=-1)
-        v = self.get_slot(var, "v")
-        step = tf.cast(self.iterations + 1, dtype)
-        lw = self.lstm_weights
+        rule, state = self._rule(dtype), self._state(var)
         if self.output == "flip":
             theta = cell_lib.sign_pm1(var)
-            n = int(var.shape.num_elements())
-            max_flips = (
-                None
-                if self.max_flip_rate is None
-                else max(1, int(math.floor(self.max_flip_rate * n)))
-            )
-            out = cell_lib.flip_step(
-                cell,
-                theta,
-                grad,
-                h,
-                c,
-                v,
-                step,
-                beta=lw.beta,
-                eps=lw.eps,
-                flip_threshold=self._decayed("flip_threshold", dtype),
-                max_flips=max_flips,
-            )
-            new_var = theta * out.sign
+            signs, state = rule.update(grad, state, theta)
+            new_var = theta * signs
         else:
-            out, new_var = cell_lib.latent_step(
-                cell,
-                tf.convert_to_tensor(var),
-                grad,
-                h,
-                c,
-                v,
-                step,
-                beta=lw.beta,
-                eps=lw.eps,
-                learning_rate=self._decayed("learning_rate", dtype),
-                clip=self.latent_clip,
+            lr = self._decayed("learning_rate", dtype)
+            new_var, state = rule.latent_update(
+                grad, state, tf.convert_to_tensor(var), lr, self.latent_clip
             )
-        counter = self.get_slot(var, "flips")
-        low = counter[0] + cell_lib.fast_sum(tf.cast(out.sign < 0, counter.dtype))
-        carry = tf.floor(low / _COUNTER_BASE)
-        new_counter = tf.stack([low - carry * _COUNTER_BASE, counter[1] + carry])
-        state = [self.get_slot(var, f"h{k}").assign(out.h[..., k]) for k in range(hidden)]
-        state += [self.get_slot(var, f"c{k}").assign(out.c[..., k]) for k in range(hidden)]
-        return tf.group(
-            var.assign(new_var),
-            *state,
-            v.assign(out.v),
-            counter.assign(new_counter),
-        )
+        return tf.group(var.assign(new_var), *self._write_state(var, state))
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise NotImplementedError(

@@ -54,6 +54,19 @@ def plot_accuracy_vs_step(runs: Sequence[dict], path: str, title: str | None = N
 
     The shared y axis spans the second half of training (where optimizers differ) and
     the greedy results, not the chance-level start; greedy stars carry their value.
+    Each run needs ``optimizer``, ``test_curve`` (``step``, ``test_accuracy``) and
+    ``test_accuracy``; ``<optimizer>+greedy`` runs also ``steps``.
+
+    Example:
+      >>> import os, tempfile
+      >>> from kflip import plots
+      >>> points = [(0, 0.1), (10, 0.8), (20, 0.9)]
+      >>> curve = [{"step": s, "test_accuracy": a} for s, a in points]
+      >>> runs = [{"optimizer": "fliplstm", "test_curve": curve, "test_accuracy": 0.9}]
+      >>> out = tempfile.mkdtemp()
+      >>> path = plots.plot_accuracy_vs_step(runs, os.path.join(out, "acc.png"))
+      >>> os.path.basename(path), os.path.getsize(path) > 0
+      ('acc.png', True)
     """
     _check_runs(runs)
     names = _base_optimizers(runs)
@@ -108,7 +121,22 @@ def _greedy_stars(ax, greedy: Sequence[dict]) -> list[float]:
 
 
 def plot_flip_rate(runs: Sequence[dict], path: str, title: str | None = None) -> str:
-    """Flip rate (flips per weight per step) per binary layer, one panel per optimizer."""
+    """Flip rate (flips per weight per step) per binary layer, one panel per optimizer.
+
+    Each run needs ``optimizer``, ``flips_per_step`` and ``flip_curve``: entries with
+    ``step`` and ``flip_rate/<layer>/<weight>`` (as :class:`kflip.bench.SignFlipCounter`
+    records them).
+
+    Example:
+      >>> import os, tempfile
+      >>> from kflip import plots
+      >>> key = "flip_rate/quant_dense/kernel"
+      >>> flips = [{"step": 10, key: 1e-2}, {"step": 20, key: 1e-3}]
+      >>> runs = [{"optimizer": "fliplstm", "flip_curve": flips, "flips_per_step": 5.0}]
+      >>> path = plots.plot_flip_rate(runs, os.path.join(tempfile.mkdtemp(), "flips.png"))
+      >>> os.path.getsize(path) > 0
+      True
+    """
     _check_runs(runs)
     names = _base_optimizers(runs)
     fig = _figure(len(names))
@@ -150,6 +178,16 @@ def plot_results(results, output_dir: str) -> dict:
 
     Writes ``accuracy_vs_step.png`` and ``flip_rate.png`` into ``output_dir``;
     returns ``{"accuracy_plot": path, "flip_rate_plot": path}``.
+
+    Example:
+      >>> import tempfile
+      >>> from kflip import plots
+      >>> points = [(0, 0.1), (10, 0.8), (20, 0.9)]
+      >>> curve = [{"step": s, "test_accuracy": a} for s, a in points]
+      >>> runs = [{"optimizer": "fliplstm", "test_curve": curve, "test_accuracy": 0.9}]
+      >>> files = plots.plot_results({"runs": runs, "config": {}}, tempfile.mkdtemp())
+      >>> sorted(files)  # a run without flip_curve gets a "no flip telemetry" panel
+      ['accuracy_plot', 'flip_rate_plot']
     """
     if isinstance(results, (str, os.PathLike)):
         import json

@@ -1,4 +1,4 @@
-"""The pure-TensorFlow LSTM flip rule (kflip.cell)."""
+"""The LSTM weights and the coordinatewise cell (kflip.cell)."""
 
 import json
 
@@ -74,88 +74,6 @@ def test_recurrent_weights_below_half_an_ulp_are_dropped_exactly(jit):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-13)
         else:
             np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-def test_flip_step_flips_iff_output_negative_and_reframes_state():
-    w = _random_weights(hidden=1, seed=3)
-    cell = C.CellTensors.from_weights(w)
-    rng = np.random.RandomState(0)
-    theta = tf.constant(np.sign(rng.randn(200)).astype(np.float32))
-    grad = tf.constant(rng.randn(200).astype(np.float32) * 1e-3)
-    h = tf.constant(rng.randn(200, 1).astype(np.float32) * 0.2)
-    c = tf.constant(rng.randn(200, 1).astype(np.float32) * 0.2)
-    out = C.flip_step(cell, theta, grad, h, c, tf.constant(0.0), 1, beta=w.beta, eps=w.eps)
-    y = out.y.numpy()
-    np.testing.assert_array_equal(out.sign.numpy(), np.where(y < 0, -1.0, 1.0))
-    assert 0 < (y < 0).sum() < 200  # the test exercises both branches
-    feats, _, _ = C.features_and_moment(theta, grad, tf.constant(0.0), 1, w.beta, w.eps)
-    _, h_raw, c_raw = C.lstm_cell(cell, feats, h, c)
-    np.testing.assert_allclose(out.h.numpy(), h_raw.numpy() * out.sign.numpy()[:, None])
-    np.testing.assert_allclose(out.c.numpy(), c_raw.numpy() * out.sign.numpy()[:, None])
-
-
-def test_rule_is_symmetric_under_global_sign_flip():
-    """(theta, g) -> (-theta, -g) gives the same decisions: the rule lives in the weight's frame."""
-    w = _random_weights(hidden=2, seed=5)
-    cell = C.CellTensors.from_weights(w)
-    rng = np.random.RandomState(0)
-    theta = np.sign(rng.randn(300)).astype(np.float32)
-    grad = rng.randn(300).astype(np.float32)
-    h = tf.zeros([300, 2])
-    a = C.flip_step(cell, tf.constant(theta), tf.constant(grad), h, h, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
-    b = C.flip_step(cell, tf.constant(-theta), tf.constant(-grad), h, h, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
-    np.testing.assert_array_equal(a.sign.numpy(), b.sign.numpy())
-
-
-def test_non_finite_gradients_flip_nothing_and_keep_state():
-    w = kflip.bop_weights(threshold=0.0, gamma=0.5)  # flips on any favourable gradient
-    cell = C.CellTensors.from_weights(w)
-    theta = tf.ones([6])
-    grad = tf.constant([1.0, np.nan, np.inf, -np.inf, 1.0, -1.0])
-    nonzero = np.array([0, 1, 1, 1, 0, 0], np.float32)[:, None]
-    h = tf.constant(0.25 * nonzero)
-    c = tf.constant(0.5 * nonzero)
-    out = C.flip_step(cell, theta, grad, h, c, tf.constant(0.0), 1, beta=w.beta, eps=w.eps)
-    np.testing.assert_array_equal(out.sign.numpy(), [-1, 1, 1, 1, -1, 1])
-    np.testing.assert_array_equal(out.h.numpy()[1:4], h.numpy()[1:4])
-    np.testing.assert_array_equal(out.c.numpy()[1:4], c.numpy()[1:4])
-    assert np.all(np.isfinite(out.h.numpy())) and np.all(np.isfinite(out.c.numpy()))
-    assert np.isfinite(out.v.numpy())
-
-
-def test_max_flips_keeps_the_most_negative_outputs():
-    w = kflip.bop_weights(threshold=0.0, gamma=0.5)
-    cell = C.CellTensors.from_weights(w)
-    grad = tf.constant(np.linspace(0.1, 1.0, 10).astype(np.float32))  # all want to flip theta=+1
-    z = tf.zeros([10, 1])
-    free = C.flip_step(cell, tf.ones([10]), grad, z, z, tf.constant(0.0), 1, beta=0.9, eps=1e-20)
-    assert (free.sign.numpy() < 0).sum() == 10
-    capped = C.flip_step(cell, tf.ones([10]), grad, z, z, tf.constant(0.0), 1, beta=0.9, eps=1e-20, max_flips=3)
-    np.testing.assert_array_equal(np.where(capped.sign.numpy() < 0)[0], [7, 8, 9])
-
-
-def test_padding_hidden_units_is_inert():
-    w = kflip.bop_weights(threshold=1e-3, gamma=0.1)
-    wide = w.padded(3)
-    assert wide.hidden_size == 3
-    rng = np.random.RandomState(0)
-    theta = tf.constant(np.sign(rng.randn(100)).astype(np.float32))
-    s1, s3 = [], []
-    h1 = c1 = tf.zeros([100, 1])
-    h3 = c3 = tf.zeros([100, 3])
-    v1 = v3 = tf.constant(0.0)
-    for t in range(1, 20):
-        grad = tf.constant(rng.randn(100).astype(np.float32) * 1e-2)
-        a = C.flip_step(C.CellTensors.from_weights(w), theta, grad, h1, c1, v1, t, beta=w.beta, eps=w.eps)
-        b = C.flip_step(C.CellTensors.from_weights(wide), theta, grad, h3, c3, v3, t, beta=w.beta, eps=w.eps)
-        s1.append(a.sign.numpy())
-        s3.append(b.sign.numpy())
-        h1, c1, v1, h3, c3, v3 = a.h, a.c, a.v, b.h, b.c, b.v
-        theta = theta * a.sign
-    np.testing.assert_array_equal(np.array(s1), np.array(s3))
-    assert np.sum(np.array(s1) < 0) > 0
-    with pytest.raises(ValueError, match="hidden_size"):
-        wide.padded(2)
 
 
 def test_weights_save_load_roundtrip(tmp_path):

@@ -407,5 +407,6 @@ def test_meta_train_help_shows_defaults_once(capsys):
         cli.main(["meta-train", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 4000)" in text and "--sigma SIGMA (default: 0.1)" in text
+    assert "(default: 4000)" in text and "by ~10% (default: 0.1)" in text
+    assert "(default: mlp784-256-256)" in text  # comma lists shown as typed
     assert "(default: None)" not in text and "(default: <out>.log.jsonl)" in text

@@ -10,7 +10,10 @@ import tensorflow as tf
 
 import kflip
 from kflip import cell as cell_lib
-from kflip import meta, meta_tasks
+from kflip import meta
+from kflip.adam import Adam
+from kflip.meta import tasks, unroll
+from kflip.rule import FlipRule
 
 TINY = dict(
     iterations=2,
@@ -27,35 +30,35 @@ TINY = dict(
 
 # ---- tasks and the functional networks ---------------------------------------------
 def test_make_task_is_deterministic_and_binary():
-    a = meta_tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
-    b = meta_tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
-    c = meta_tasks.make_task("mlp-64-64", "digits-proj", 8, horizon=20)
+    a = tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
+    b = tasks.make_task("mlp-64-64", "digits-proj", 7, horizon=20)
+    c = tasks.make_task("mlp-64-64", "digits-proj", 8, horizon=20)
     np.testing.assert_array_equal(a.x_train, b.x_train)
     np.testing.assert_array_equal(a.batches, b.batches)
     assert not np.array_equal(a.x_train, c.x_train)
-    assert a.x_train.shape == (meta_tasks.N_TRAIN, 64)
-    assert a.batches.shape == (20, meta_tasks.BATCH_SIZE)
+    assert a.x_train.shape == (tasks.N_TRAIN, 64)
+    assert a.batches.shape == (20, tasks.BATCH_SIZE)
     assert all(np.all(np.abs(k) == 1) for k in a.kernels)
     assert [k.shape for k in a.kernels] == [(64, 64), (64, 64), (64, 10)]
     # teacher labels use every class often enough to be a real task
-    t = meta_tasks.make_task("mlp-32", "teacher", 1, horizon=1)
+    t = tasks.make_task("mlp-32", "teacher", 1, horizon=1)
     assert len(np.unique(t.y_train)) >= 5
 
 
 def test_make_task_augments_digits_beyond_their_size():
-    t = meta_tasks.make_task("mlp-32", "digits", 2, horizon=200, n_train=4096)
+    t = tasks.make_task("mlp-32", "digits", 2, horizon=200, n_train=4096)
     assert t.x_train.shape == (4096, 64) and t.x_held_out.shape == (512, 64)
     assert t.batches.max() == 4095  # the batch order covers the larger set
     # held-out examples are real digits images, never augmented
-    real, _ = meta_tasks._digits()
+    real, _ = tasks._digits()
     assert all((np.abs(real - x).sum(1) == 0).any() for x in t.x_held_out[:20])
     assert np.all(np.abs(t.x_train) <= 1.0)
     with pytest.raises(ValueError, match="n_train"):
-        meta_tasks.make_task("mlp-32", "digits", 2, horizon=1, n_train=10)
+        tasks.make_task("mlp-32", "digits", 2, horizon=1, n_train=10)
 
 
 def test_mnist_sized_families_render_digits_at_28x28():
-    t = meta_tasks.make_task("mlp784-256-256", "digits", 5, horizon=30, n_train=2048)
+    t = tasks.make_task("mlp784-256-256", "digits", 5, horizon=30, n_train=2048)
     assert t.x_train.shape == (2048, 784) and t.x_held_out.shape == (512, 784)
     assert [k.shape for k in t.kernels] == [(784, 256), (256, 256), (256, 10)]
     assert np.all(np.abs(t.x_train) <= 1.0)
@@ -64,25 +67,25 @@ def test_mnist_sized_families_render_digits_at_28x28():
     blank = (img == -1.0).all(axis=2)
     assert (blank.sum(1) >= 4).all()
     # every dataset variant and the teacher build at 784 inputs, deterministically
-    for ds in meta_tasks.DATASETS:
-        a = meta_tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
-        b = meta_tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
+    for ds in tasks.DATASETS:
+        a = tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
+        b = tasks.make_task("mlp784-256-256", ds, 9, horizon=2, n_train=256)
         assert a.x_train.shape == (256, 784)
         np.testing.assert_array_equal(a.x_train, b.x_train)
 
 
 def test_functional_mlp_matches_keras_mlp():
     """The inner network is the same function as kflip.models.mlp in training mode."""
-    task = meta_tasks.make_task("mlp-32", "digits", 0, horizon=1)
+    task = tasks.make_task("mlp-32", "digits", 0, horizon=1)
     model = kflip.models.mlp(input_shape=(64,), num_classes=10, hidden=(32,))
     dense = [layer for layer in model.layers if hasattr(layer, "kernel")]
     for layer, k in zip(dense, task.kernels):
         layer.kernel.assign(k)
     x = task.x_train[:64]
     want = model(x, training=True).numpy()
-    fam = meta_tasks.FAMILIES["mlp-32"]
-    offsets = [tf.zeros(s) for s in meta_tasks.offset_shapes(fam)]
-    got = tf.nn.softmax(meta_tasks.forward(fam, task.kernels, offsets, tf.constant(x))).numpy()
+    fam = tasks.FAMILIES["mlp-32"]
+    offsets = [tf.zeros(s) for s in tasks.offset_shapes(fam)]
+    got = tf.nn.softmax(tasks.forward(fam, task.kernels, offsets, tf.constant(x))).numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -90,7 +93,7 @@ def test_ste_sign_forward_and_gradient():
     x = tf.constant([-2.0, -0.5, 0.0, 0.7, 1.5])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = meta_tasks.ste_sign(x)
+        y = tasks.ste_sign(x)
     np.testing.assert_array_equal(y.numpy(), [-1, -1, 1, 1, 1])
     np.testing.assert_array_equal(tape.gradient(y, x).numpy(), [0, 1, 1, 1, 0])
 
@@ -99,45 +102,38 @@ H = TINY["horizon"]  # one horizon for every MLP test: XLA compiles the unroll o
 
 
 def _eager_reference(w, task):
-    """The inner loop written eagerly from kflip.cell.flip_step (no XLA, no while)."""
-    fam = meta_tasks.FAMILIES[task.family]
-    cell = cell_lib.CellTensors.from_weights(w)
+    """The inner loop written eagerly, one tensor at a time (no XLA, no while):
+    kflip.rule.FlipRule on each kernel, kflip.adam.Adam(0.01) on each offset."""
+    fam = tasks.FAMILIES[task.family]
+    rule = FlipRule.from_weights(w)
+    adam = Adam(0.01)
     kernels = [tf.constant(k) for k in task.kernels]
-    offsets = [tf.zeros(s) for s in meta_tasks.offset_shapes(fam)]
-    m1 = [tf.zeros_like(o) for o in offsets]
-    m2 = [tf.zeros_like(o) for o in offsets]
-    h = [tf.zeros(k.shape + (1,)) for k in kernels]
-    c = [tf.zeros(k.shape + (1,)) for k in kernels]
-    v = [tf.zeros([]) for _ in kernels]
-    logs, flips = [], 0
-    for t, idx in enumerate(task.batches):
+    offsets = [tf.zeros(s) for s in tasks.offset_shapes(fam)]
+    flip_states = [rule.init(k) for k in kernels]
+    adam_states = [adam.init(o) for o in offsets]
+    logs = []
+    for idx in task.batches:
         with tf.GradientTape() as tape:
             tape.watch(kernels + offsets)
-            loss = meta_tasks.xent(
-                meta_tasks.forward(fam, kernels, offsets, task.x_train[idx]), task.y_train[idx]
+            loss = tasks.xent(
+                tasks.forward(fam, kernels, offsets, task.x_train[idx]), task.y_train[idx]
             )
         grads = tape.gradient(loss, kernels + offsets)
         logs.append(np.log(float(loss)))
         for j in range(len(kernels)):
-            out = cell_lib.flip_step(cell, kernels[j], grads[j], h[j], c[j], v[j], float(t + 1),
-                                     beta=w.beta, eps=w.eps)
-            kernels[j] = kernels[j] * out.sign
-            h[j], c[j], v[j] = out.h, out.c, out.v
-            flips += int(tf.reduce_sum(tf.cast(out.sign < 0, tf.int32)))
+            signs, flip_states[j] = rule.update(grads[j], flip_states[j], kernels[j])
+            kernels[j] = kernels[j] * signs
             g = grads[len(kernels) + j]
-            m1[j] = 0.9 * m1[j] + 0.1 * g
-            m2[j] = 0.999 * m2[j] + 0.001 * g * g
-            upd = (m1[j] / (1 - 0.9 ** (t + 1))) / (tf.sqrt(m2[j] / (1 - 0.999 ** (t + 1))) + 1e-7)
-            offsets[j] = offsets[j] - 0.01 * upd
-    return kernels, float(np.mean(logs)), flips
+            offsets[j], adam_states[j] = adam.update(g, adam_states[j], offsets[j])
+    return kernels, float(np.mean(logs)), sum(int(s.flips) for s in flip_states)
 
 
 def test_compiled_unroll_equals_eager_flip_step_reference():
-    """The XLA inner loop applies exactly kflip.cell.flip_step to every kernel."""
+    """The XLA inner loop applies exactly FlipLSTM's rule to every kernel."""
     w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
-    task = meta_tasks.make_task("mlp-32", "digits", 5, horizon=H)
-    fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
-    res = fn(tf.constant(meta_tasks.flatten(w), tf.float32), *task.unroll_args())
+    task = tasks.make_task("mlp-32", "digits", 5, horizon=H)
+    fn = unroll.get_unroll("mlp-32", 1, w.beta, w.eps)
+    res = fn(tf.constant(unroll.flatten(w), tf.float32), *task.unroll_args())
     kernels, mean_log, flips = _eager_reference(w, task)
     assert flips > 0  # the comparison is not vacuous
     for got, want in zip(res.kernels, kernels):
@@ -147,9 +143,9 @@ def test_compiled_unroll_equals_eager_flip_step_reference():
 
 def test_unroll_is_xla_compiled_and_learns_with_binary_kernels():
     w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
-    task = meta_tasks.make_task("mlp-32", "digits", 1, horizon=H)
-    fn = meta_tasks.get_unroll("mlp-32", 1, w.beta, w.eps)
-    args = (tf.constant(meta_tasks.flatten(w), tf.float32),) + task.unroll_args()
+    task = tasks.make_task("mlp-32", "digits", 1, horizon=H)
+    fn = unroll.get_unroll("mlp-32", 1, w.beta, w.eps)
+    args = (tf.constant(unroll.flatten(w), tf.float32),) + task.unroll_args()
     hlo = fn.experimental_get_compiler_ir(*args)(stage="hlo")
     assert "while" in hlo  # the whole unroll is one XLA computation with a loop
     res = fn(*args)
@@ -157,7 +153,7 @@ def test_unroll_is_xla_compiled_and_learns_with_binary_kernels():
     assert 0 < float(res.flip_fraction) < 0.5
     # a rule that never flips cannot train the binary kernels: worse on every count
     frozen = kflip.bop_weights(1e6, 0.1, normalized=True, scale=1.0)
-    res0 = fn(tf.constant(meta_tasks.flatten(frozen), tf.float32), *args[1:])
+    res0 = fn(tf.constant(unroll.flatten(frozen), tf.float32), *args[1:])
     assert float(res0.flip_fraction) == 0.0
     for k0, k in zip(res0.kernels, task.kernels):
         np.testing.assert_array_equal(k0.numpy(), k)
@@ -168,26 +164,26 @@ def test_unroll_is_xla_compiled_and_learns_with_binary_kernels():
 @pytest.mark.skipif(not os.environ.get("KFLIP_SLOW_TESTS"), reason="set KFLIP_SLOW_TESTS=1 (XLA compile of the CNN)")
 def test_cnn_family_runs():
     w = kflip.bop_weights(0.05, 0.1, normalized=True, scale=1.0)
-    ev = meta_tasks.Evaluator(1, w.beta, w.eps)
-    r = ev(meta_tasks.flatten(w), meta_tasks.make_task("cnn-8-8", "digits", 0, horizon=H))
+    ev = unroll.Evaluator(1, w.beta, w.eps)
+    r = ev(unroll.flatten(w), tasks.make_task("cnn-8-8", "digits", 0, horizon=H))
     assert np.isfinite(r["meta_loss"]) and r["flip_fraction"] > 0
 
 
 # ---- flat vectors, masks, ES maths --------------------------------------------------
 def test_flatten_roundtrip_and_cell_from_vector():
     w = kflip.bop_weights(0.1, 1e-3, normalized=True, scale=1.0, hidden_size=2)
-    vec = meta_tasks.flatten(w)
-    assert vec.shape == (meta_tasks.num_params(2),)
-    back = meta_tasks.unflatten(vec, 2, like=w)
+    vec = unroll.flatten(w)
+    assert vec.shape == (unroll.num_params(2),)
+    back = unroll.unflatten(vec, 2, like=w)
     for name in ("kernel", "recurrent", "bias", "out_kernel"):
         np.testing.assert_array_equal(getattr(back, name), getattr(w, name))
     assert back.out_bias == pytest.approx(w.out_bias)
-    cell = meta_tasks.cell_from_vector(tf.constant(vec, tf.float32), 2)
+    cell = unroll.cell_from_vector(tf.constant(vec, tf.float32), 2)
     ref = cell_lib.CellTensors.from_weights(w)
     for a, b in zip(cell, ref):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     with pytest.raises(ValueError, match="vec"):
-        meta_tasks.unflatten(vec[:-1], 2)
+        unroll.unflatten(vec[:-1], 2)
 
 
 def test_es_gradient_points_along_true_gradient():
@@ -211,7 +207,7 @@ def test_centered_ranks():
 def test_mask_freezes_raw_feature_and_scales():
     cfg = meta.MetaConfig(hidden_size=1, train_raw_feature=False, train_gate_inputs=True)
     mask = meta.trainable_mask(cfg)
-    assert mask.shape == (meta_tasks.num_params(1),)
+    assert mask.shape == (unroll.num_params(1),)
     np.testing.assert_array_equal(mask[:4], 0)  # kernel row of theta_grad
     assert mask[4:].all()
     assert meta.trainable_mask(
@@ -226,7 +222,7 @@ def test_mask_freezes_raw_feature_and_scales():
 def test_mask_freezes_gate_inputs_but_not_the_candidate():
     h = 2
     cfg = meta.MetaConfig(hidden_size=h, train_raw_feature=True, train_gate_inputs=False)
-    w = meta_tasks.unflatten(meta.trainable_mask(cfg), h)
+    w = unroll.unflatten(meta.trainable_mask(cfg), h)
     cand = cell_lib.GATES.index("candidate")
     expected = np.zeros((len(cell_lib.FEATURES), 4 * h))
     expected[:, cand * h : (cand + 1) * h] = 1.0
@@ -257,9 +253,9 @@ def test_config_rejects_bad_values(kwargs, match):
 
 def test_bad_arguments_raise_value_error(tmp_path):
     with pytest.raises(ValueError, match="horizon"):
-        meta_tasks.make_task("mlp-32", "digits", 0, horizon=0)
+        tasks.make_task("mlp-32", "digits", 0, horizon=0)
     with pytest.raises(ValueError, match="dataset"):
-        meta_tasks.make_task("mlp-32", "mnist", 0, horizon=1)
+        tasks.make_task("mlp-32", "mnist", 0, horizon=1)
     with pytest.raises(ValueError, match="resume"):
         meta.meta_train(meta.MetaConfig(**TINY), resume=True, workers=1)
     with pytest.raises(ValueError, match="workers"):
@@ -284,7 +280,7 @@ def tiny_run(tmp_path_factory):
 def test_meta_train_is_deterministic(tiny_run):
     _, w1 = tiny_run
     w2 = meta.meta_train(meta.MetaConfig(**TINY), workers=1)
-    np.testing.assert_allclose(meta_tasks.flatten(w1), meta_tasks.flatten(w2), atol=1e-6)
+    np.testing.assert_allclose(unroll.flatten(w1), unroll.flatten(w2), atol=1e-6)
     assert w1.metadata["meta_loss_curve"] == w2.metadata["meta_loss_curve"]
 
 
@@ -305,7 +301,7 @@ def test_meta_train_output_log_and_flip_lstm_loads_it(tiny_run):
     cfg = meta.MetaConfig(**TINY)
     mask = meta.trainable_mask(cfg)
     assert 0 < mask.sum() < mask.size
-    init, got = meta_tasks.flatten(meta.initial_weights(cfg)), meta_tasks.flatten(w)
+    init, got = unroll.flatten(meta.initial_weights(cfg)), unroll.flatten(w)
     np.testing.assert_array_equal(got[mask == 0], init[mask == 0])
     assert not np.array_equal(got[mask == 1], init[mask == 1])
     opt = kflip.FlipLSTM(weights=str(d / "w.npz"))
@@ -320,7 +316,7 @@ def test_resume_continues_exactly(tiny_run, tmp_path):
     with pytest.raises(ValueError, match="different config"):
         meta.meta_train(meta.MetaConfig(**dict(TINY, sigma=0.3)), checkpoint=ckpt, resume=True, workers=1)
     resumed = meta.meta_train(meta.MetaConfig(**TINY), checkpoint=ckpt, resume=True, workers=1)
-    np.testing.assert_allclose(meta_tasks.flatten(resumed), meta_tasks.flatten(full), atol=1e-6)
+    np.testing.assert_allclose(unroll.flatten(resumed), unroll.flatten(full), atol=1e-6)
     assert resumed.metadata["val_curve"] == full.metadata["val_curve"]
 
 
@@ -337,7 +333,7 @@ def test_cli_two_workers_match_in_process(tiny_run, tmp_path):
     )
     assert meta.run(args) == 0
     w = kflip.LSTMWeights.load(str(out))
-    np.testing.assert_allclose(meta_tasks.flatten(w), meta_tasks.flatten(w_inproc), atol=1e-6)
+    np.testing.assert_allclose(unroll.flatten(w), unroll.flatten(w_inproc), atol=1e-6)
     assert os.path.exists(str(tmp_path / "cli.log.jsonl"))
     assert os.path.exists(str(tmp_path / "cli.ckpt.json"))
 
@@ -354,7 +350,7 @@ def test_cli_add_arguments_and_run(tiny_run, tmp_path):
     )
     assert meta.run(args) == 0
     w = kflip.LSTMWeights.load(str(out))
-    np.testing.assert_allclose(meta_tasks.flatten(w), meta_tasks.flatten(w_api), atol=1e-6)
+    np.testing.assert_allclose(unroll.flatten(w), unroll.flatten(w_api), atol=1e-6)
     lines = (tmp_path / "cli.log.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert json.loads((tmp_path / "cli.ckpt.json").read_text())["iteration"] == 2

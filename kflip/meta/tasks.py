@@ -1,8 +1,8 @@
-"""The meta-training task distribution and the functional inner loop.
+"""The meta-training tasks: tiny binarized networks and the data they train on.
 
 A *task* is a tiny binarized network (an architecture *family*) trained from scratch
 on a tiny classification problem (a *dataset variant*) for ``horizon`` steps with the
-real, hard FlipLSTM flips (:func:`kflip.cell.flip_step`). MNIST is never used.
+real, hard FlipLSTM flips (:mod:`kflip.meta.unroll` runs it). MNIST is never used.
 
 Dataset variants (all 64 input features, 10 classes, 1,024 training and 512
 held-out examples, so every family compiles once whatever the variant):
@@ -21,9 +21,10 @@ optimizer), ``ste_sign`` activations with larq's straight-through estimator
 (gradient ``* (|x| <= 1)``), real-valued inputs into the first layer, BatchNorm
 logits into softmax cross-entropy.
 
-The whole unroll of ``horizon`` steps is one ``tf.function(jit_compile=True)`` with a
-``tf.while_loop`` inside; the LSTM weights are a tensor argument, so one compilation
-serves every population member.
+>>> from kflip.meta import tasks
+>>> task = tasks.make_task("mlp-32", "digits", seed=0, horizon=10)
+>>> task.x_train.shape, task.batches.shape, sorted(set(task.kernels[0].ravel()))
+((1024, 64), (10, 64), [-1.0, 1.0])
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def _digits():
     return _DIGITS
 
 
-def _check_choice(name, value, choices):
+def check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {sorted(choices)}, got {value!r}.")
 
@@ -165,8 +166,8 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
     images: beyond 1,285 training images the training set is resampled with random
     shifts and noise (:func:`_augment`); teacher tasks just draw more inputs.
     """
-    _check_choice("family", family, FAMILIES)
-    _check_choice("dataset", dataset, DATASETS)
+    check_choice("family", family, FAMILIES)
+    check_choice("dataset", dataset, DATASETS)
     if not isinstance(horizon, int) or horizon < 1:
         raise ValueError(f"`horizon` must be a positive int, got {horizon!r}.")
     if not isinstance(n_train, int) or n_train < BATCH_SIZE:
@@ -269,209 +270,3 @@ def xent(logits, labels):
     return tf.reduce_mean(
         tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     )
-
-
-# ---- LSTM weights <-> flat vector --------------------------------------------------
-def num_params(hidden_size: int) -> int:
-    h = hidden_size
-    return len(cell_lib.FEATURES) * 4 * h + h * 4 * h + 4 * h + h + 1
-
-
-def flatten(w: cell_lib.LSTMWeights) -> np.ndarray:
-    """``kernel, recurrent, bias, out_kernel, out_bias`` as one float64 vector."""
-    return np.concatenate(
-        [
-            w.kernel.ravel(),
-            w.recurrent.ravel(),
-            w.bias.ravel(),
-            w.out_kernel.ravel(),
-            [w.out_bias],
-        ]
-    ).astype(np.float64)
-
-
-def unflatten(vec, hidden_size: int, like: cell_lib.LSTMWeights | None = None, metadata=None):
-    """Inverse of :func:`flatten` (``beta``/``eps`` taken from ``like``)."""
-    vec = np.asarray(vec, np.float64)
-    if vec.shape != (num_params(hidden_size),):
-        raise ValueError(
-            f"`vec` has shape {vec.shape}, expected ({num_params(hidden_size)},) for "
-            f"hidden size {hidden_size}."
-        )
-    parts = _split_sizes(hidden_size)
-    out, i = [], 0
-    for shape in parts:
-        k = int(np.prod(shape))
-        out.append(vec[i : i + k].reshape(shape))
-        i += k
-    kw = {}
-    if like is not None:
-        kw = dict(beta=like.beta, eps=like.eps)
-    return cell_lib.LSTMWeights(
-        kernel=out[0],
-        recurrent=out[1],
-        bias=out[2],
-        out_kernel=out[3],
-        out_bias=float(out[4][0]),
-        metadata=dict(metadata or {}),
-        **kw,
-    )
-
-
-def _split_sizes(h):
-    return [(len(cell_lib.FEATURES), 4 * h), (h, 4 * h), (4 * h,), (h,), (1,)]
-
-
-def cell_from_vector(vec: tf.Tensor, hidden_size: int) -> cell_lib.CellTensors:
-    """:class:`kflip.cell.CellTensors` from a flat float32 tensor (traceable)."""
-    parts, i = [], 0
-    for shape in _split_sizes(hidden_size):
-        k = int(np.prod(shape))
-        parts.append(tf.reshape(vec[i : i + k], shape))
-        i += k
-    return cell_lib.CellTensors(parts[0], parts[1], parts[2], parts[3], parts[4][0])
-
-
-# ---- the compiled inner loop -------------------------------------------------------
-class InnerResult(NamedTuple):
-    meta_loss: tf.Tensor  # mean log train loss over the trajectory + log held-out loss
-    mean_log_train_loss: tf.Tensor
-    held_out_loss: tf.Tensor
-    held_out_accuracy: tf.Tensor
-    flip_fraction: tf.Tensor  # mean fraction of binary weights flipped per step
-    kernels: tuple  # final binary kernels
-
-
-def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float):
-    """A ``tf.function(jit_compile=True)`` training ``family`` for ``len(batches)`` steps.
-
-    Signature: ``unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches,
-    kernels) -> InnerResult``.
-    """
-    _check_choice("family", family_name, FAMILIES)
-    family = FAMILIES[family_name]
-    shapes = offset_shapes(family)
-    n_weights = float(sum(int(np.prod(s)) for s in family.kernel_shapes()))
-
-    @tf.function(jit_compile=True, reduce_retracing=True)
-    def unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels):
-        cell = cell_from_vector(tf.cast(cell_vec, tf.float32), hidden_size)
-        horizon = tf.shape(batches)[0]
-        kernels = tuple(kernels)
-        nk = len(kernels)
-        zeros_like_h = lambda k: tf.zeros(k.shape + (hidden_size,))  # noqa: E731
-        state = dict(
-            t=tf.constant(0),
-            kernels=kernels,
-            h=tuple(zeros_like_h(k) for k in kernels),
-            c=tuple(zeros_like_h(k) for k in kernels),
-            v=tuple(tf.zeros([]) for _ in kernels),
-            offsets=tuple(tf.zeros(s) for s in shapes),
-            m1=tuple(tf.zeros(s) for s in shapes),
-            m2=tuple(tf.zeros(s) for s in shapes),
-            log_loss=tf.zeros([]),
-            flips=tf.zeros([]),
-        )
-
-        def body(s):
-            t = s["t"]
-            idx = batches[t]
-            xb, yb = tf.gather(x_train, idx), tf.gather(y_train, idx)
-            with tf.GradientTape() as tape:
-                tape.watch(s["kernels"] + s["offsets"])
-                loss = xent(forward(family, s["kernels"], s["offsets"], xb), yb)
-            grads = tape.gradient(loss, s["kernels"] + s["offsets"])
-            step = tf.cast(t + 1, tf.float32)
-            new_k, new_h, new_c, new_v = [], [], [], []
-            flips = s["flips"]
-            for j in range(nk):
-                out = cell_lib.flip_step(
-                    cell, s["kernels"][j], grads[j], s["h"][j], s["c"][j], s["v"][j],
-                    step, beta=beta, eps=eps,
-                )
-                new_k.append(s["kernels"][j] * out.sign)
-                new_h.append(out.h)
-                new_c.append(out.c)
-                new_v.append(out.v)
-                flips = flips + tf.reduce_sum(tf.cast(out.sign < 0, tf.float32))
-            # Adam(0.01) on the BatchNorm offsets (as FlipLSTM's float optimizer)
-            new_o, new_m1, new_m2 = [], [], []
-            bc1 = 1.0 - tf.pow(0.9, step)
-            bc2 = 1.0 - tf.pow(0.999, step)
-            for j in range(nk):
-                g = grads[nk + j]
-                m1 = 0.9 * s["m1"][j] + 0.1 * g
-                m2 = 0.999 * s["m2"][j] + 0.001 * tf.square(g)
-                upd = OFFSET_LR * (m1 / bc1) / (tf.sqrt(m2 / bc2) + 1e-7)
-                new_o.append(s["offsets"][j] - upd)
-                new_m1.append(m1)
-                new_m2.append(m2)
-            return [
-                dict(
-                    t=t + 1,
-                    kernels=tuple(new_k),
-                    h=tuple(new_h),
-                    c=tuple(new_c),
-                    v=tuple(new_v),
-                    offsets=tuple(new_o),
-                    m1=tuple(new_m1),
-                    m2=tuple(new_m2),
-                    log_loss=s["log_loss"] + tf.math.log(loss),
-                    flips=flips,
-                )
-            ]
-
-        (s,) = tf.while_loop(
-            lambda s: s["t"] < horizon, body, [state], maximum_iterations=horizon
-        )
-        logits = forward(family, s["kernels"], s["offsets"], x_held_out)
-        held = xent(logits, y_held_out)
-        acc = tf.reduce_mean(
-            tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), y_held_out), tf.float32)
-        )
-        h = tf.cast(horizon, tf.float32)
-        mean_log = s["log_loss"] / h
-        return InnerResult(
-            mean_log + tf.math.log(held),
-            mean_log,
-            held,
-            acc,
-            s["flips"] / (h * n_weights),
-            s["kernels"],
-        )
-
-    return unroll
-
-
-_UNROLLS: dict = {}
-
-
-def get_unroll(family_name: str, hidden_size: int, beta: float, eps: float):
-    """:func:`make_unroll`, cached per process (XLA compiles once per family/shape)."""
-    key = (family_name, int(hidden_size), float(beta), float(eps))
-    if key not in _UNROLLS:
-        _UNROLLS[key] = make_unroll(*key)
-    return _UNROLLS[key]
-
-
-class Evaluator:
-    """Evaluates (LSTM weight vector, task) pairs with the cached compiled unrolls."""
-
-    def __init__(self, hidden_size: int, beta: float, eps: float):
-        self.hidden_size = hidden_size
-        self.beta = beta
-        self.eps = eps
-
-    def __call__(self, vec, task: Task) -> dict:
-        fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps)
-        r = fn(tf.constant(np.asarray(vec, np.float32)), *task.unroll_args())
-        meta = float(r.meta_loss)
-        if not math.isfinite(meta):
-            meta = 1e3  # a rule that produces NaN is as bad as it gets
-        return {
-            "meta_loss": meta,
-            "train_log_loss": float(r.mean_log_train_loss),
-            "held_out_loss": float(r.held_out_loss),
-            "held_out_accuracy": float(r.held_out_accuracy),
-            "flip_fraction": float(r.flip_fraction),
-        }

@@ -1,0 +1,218 @@
+"""The FlipLSTM rule as one pure transformation: ``init`` and ``update`` over a typed state.
+
+This module is the only place the rule lives. :class:`kflip.FlipLSTM` (the Keras
+optimizer) stores a :class:`FlipState` in its slots and calls :meth:`FlipRule.update`;
+meta-training's compiled inner loop (:mod:`kflip.meta.unroll`) calls the same
+``update`` on its list of kernels. Nothing here knows about Keras.
+
+Per binary weight ``theta`` in {-1, +1} with float gradient ``g`` (details in
+:mod:`kflip.cell`): features in the weight's frame, one step of a coordinatewise LSTM
+with state ``(h, c)``, output ``y``; ``theta <- theta * sign(y)`` (flip iff
+``y < -flip_threshold``), then the state is re-expressed in the new frame.
+The idea is learning to learn (Andrychowicz et al., 2016) applied to Bop's flip
+decision (Helwegen et al., 2019).
+
+Example (one tensor; a list of tensors works the same way):
+
+>>> import tensorflow as tf
+>>> from kflip.rule import FlipRule
+>>> rule = FlipRule.from_weights("default")
+>>> theta = tf.constant([1.0, -1.0, 1.0])
+>>> state = rule.init(theta)
+>>> signs, state = rule.update(tf.constant([5.0, -5.0, 0.0]), state, theta)
+>>> (theta * signs).numpy().tolist(), int(state.step)
+([1.0, -1.0, 1.0], 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from kflip import _keras
+
+_keras.select_keras2()
+import tensorflow as tf  # noqa: E402
+
+from kflip import cell as cell_lib  # noqa: E402
+
+
+class FlipState(NamedTuple):
+    """The rule's state for one tensor, or for a list of tensors (then ``h, c, v,
+    flips`` are tuples, one entry per tensor, and ``step`` is shared).
+
+    Attributes:
+      h, c: per-weight LSTM state, shape ``param.shape + [hidden_size]``.
+      v: per-tensor average of ``mean(g**2)`` (a scalar per tensor).
+      step: updates done so far (int64 scalar).
+      flips: cumulative flips per tensor (int64 scalar per tensor).
+    """
+
+    h: Any
+    c: Any
+    v: Any
+    step: Any
+    flips: Any
+
+
+class _One(NamedTuple):
+    sign: tf.Tensor
+    h: tf.Tensor
+    c: tf.Tensor
+    v: tf.Tensor
+    flips: tf.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class FlipRule:
+    """The flip rule with fixed LSTM weights.
+
+    Attributes:
+      cell: the LSTM weights as :class:`kflip.cell.CellTensors` (NumPy arrays are
+        trace-time constants, tensors are arguments: meta-training passes tensors).
+      beta, eps: the per-tensor second-moment decay and its epsilon.
+      flip_threshold: flip only where ``y < -flip_threshold`` (a float or a tensor).
+      max_flip_rate: at most this fraction of each tensor flips per step (at least
+        one weight); the most negative ``y`` win. None for no limit.
+    """
+
+    cell: cell_lib.CellTensors
+    beta: float
+    eps: float
+    flip_threshold: Any = 0.0
+    max_flip_rate: float | None = None
+
+    @classmethod
+    def from_weights(cls, weights=None, **options) -> "FlipRule":
+        """The rule of ``weights`` (anything :func:`kflip.cell.load_weights` takes)."""
+        w = cell_lib.load_weights(weights)
+        cell = cell_lib.CellTensors.from_weights(w, constant=True)
+        return cls(cell, w.beta, w.eps, **options)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(np.shape(self.cell.out_kernel)[0])
+
+    def init(self, params) -> FlipState:
+        """Zero state for ``params`` (one tensor or a list/tuple of tensors)."""
+        flat = [tf.convert_to_tensor(p) for p in tf.nest.flatten(params)]
+        zeros = [tf.zeros(p.shape.concatenate([self.hidden_size]), p.dtype) for p in flat]
+        return FlipState(
+            h=_pack(params, zeros),
+            c=_pack(params, zeros),
+            v=_pack(params, [tf.zeros([], p.dtype) for p in flat]),
+            step=tf.constant(0, tf.int64),
+            flips=_pack(params, [tf.constant(0, tf.int64) for _ in flat]),
+        )
+
+    def update(self, grads, state: FlipState, params):
+        """``(signs, new_state)``: ``params * signs`` are the new binary weights.
+
+        ``params`` must be exactly +-1. Where a gradient is NaN/Inf (or its square
+        overflows), nothing flips and that tensor's state is left as it was.
+        """
+        outs = [
+            self._update_one(p, g, h, c, v, n, state.step)
+            for p, g, h, c, v, n in _zip(params, grads, state)
+        ]
+        return self._collect(params, outs, state.step)
+
+    def latent_update(self, grads, state: FlipState, latent, learning_rate, clip=None):
+        """Ablation: ``y`` as a step on latent float weights instead of a flip.
+
+        ``w <- clip(w + learning_rate * sign(w) * y / rms(y))``, so ``y < 0`` pushes
+        ``w`` towards ``-sign(w)``; a weight flips when it crosses zero. Dividing by the
+        tensor's RMS output makes ``learning_rate`` the RMS step size. Returns
+        ``(new_latent, new_state)``.
+        """
+        new_latent, outs = [], []
+        for w, g, h, c, v, n in _zip(latent, grads, state):
+            w_new, one = self._latent_one(w, g, h, c, v, n, state.step, learning_rate, clip)
+            new_latent.append(w_new)
+            outs.append(one)
+        _, new_state = self._collect(latent, outs, state.step)
+        return _pack(latent, new_latent), new_state
+
+    # ---- one tensor ------------------------------------------------------------------
+    def _update_one(self, theta, grad, h, c, v, flips, step) -> _One:
+        y, h_new, c_new, v_new, finite = self._cell(theta, grad, h, c, v, step)
+        flip = tf.logical_and(y < -self.flip_threshold, finite)
+        if self.max_flip_rate is not None:
+            n = int(theta.shape.num_elements())
+            flip = _limit_flips(flip, y, max(1, int(math.floor(self.max_flip_rate * n))))
+        one = tf.ones_like(theta)
+        s = tf.where(flip, -one, one)
+        return self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips)
+
+    def _latent_one(self, w, grad, h, c, v, flips, step, learning_rate, clip):
+        theta = cell_lib.sign_pm1(w)
+        y, h_new, c_new, v_new, finite = self._cell(theta, grad, h, c, v, step)
+        y = tf.where(finite, y, tf.zeros_like(y))
+        n = float(max(y.shape.num_elements() or 1, 1))
+        rms = tf.sqrt(cell_lib.fast_sum(tf.square(y)) / n)
+        w_new = w + learning_rate * theta * y / (rms + 1e-30)
+        if clip is not None:
+            w_new = tf.clip_by_value(w_new, -clip, clip)
+        w_new = tf.where(finite, w_new, w)
+        s = cell_lib.sign_pm1(w_new) * theta
+        return w_new, self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips)
+
+    def _cell(self, theta, grad, h, c, v, step):
+        step = tf.cast(step + 1, theta.dtype)
+        feats, v_new, finite = cell_lib.features_and_moment(
+            theta, grad, v, step, self.beta, self.eps
+        )
+        y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, h, c)
+        return y, h_new, c_new, v_new, finite
+
+    @staticmethod
+    def _finish(s, finite, new_state, old_state, v_new, flips) -> _One:
+        """The new state in the frame of ``theta * s`` (the old one where grad was not
+        finite) and the flip count."""
+        keep = finite[..., None]
+        h, c = (
+            tf.where(keep, new * s[..., None], old) for new, old in zip(new_state, old_state)
+        )
+        count = cell_lib.fast_sum(tf.cast(s < 0, tf.float32))
+        return _One(s, h, c, v_new, flips + tf.cast(count, tf.int64))
+
+    @staticmethod
+    def _collect(params, outs, step):
+        field = lambda k: _pack(params, [o[k] for o in outs])  # noqa: E731
+        signs = field(0)
+        return signs, FlipState(field(1), field(2), field(3), step + 1, field(4))
+
+
+def _pack(structure, flat):
+    """``flat`` in the structure of ``structure`` (one tensor, or a tuple of them)."""
+    if tf.is_tensor(structure) or isinstance(structure, (tf.Variable, np.ndarray)):
+        return flat[0]
+    return tuple(flat)
+
+
+def _zip(params, grads, state: FlipState):
+    """Per-tensor ``(param, grad, h, c, v, flips)`` for one tensor or a list of them."""
+    if tf.is_tensor(params) or isinstance(params, (tf.Variable, np.ndarray)):
+        return [(params, grads, state.h, state.c, state.v, state.flips)]
+    return list(zip(params, grads, state.h, state.c, state.v, state.flips))
+
+
+def _limit_flips(flip, y, max_flips: int):
+    """Keep only the ``max_flips`` most negative ``y`` among ``flip``."""
+    flat_flip = tf.reshape(flip, [-1])
+    k = int(min(max_flips, flat_flip.shape[0]))
+
+    def cut():
+        neg_inf = tf.fill(tf.shape(flat_flip), tf.constant(-np.inf, y.dtype))
+        score = tf.where(flat_flip, -tf.reshape(y, [-1]), neg_inf)
+        # Exactly k winners, ties broken by index (top_k is stable), never more.
+        winners = tf.math.top_k(score, k=k, sorted=True).indices
+        ones = tf.ones([k], y.dtype)
+        keep = tf.scatter_nd(winners[:, None], ones, tf.shape(flat_flip)) > 0
+        return tf.reshape(keep, tf.shape(flip))
+
+    too_many = tf.reduce_sum(tf.cast(flat_flip, tf.int32)) > k
+    return tf.cond(too_many, cut, lambda: flip)
