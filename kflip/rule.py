@@ -19,9 +19,10 @@ Example (one tensor; a list of tensors works the same way):
 >>> rule = FlipRule.from_weights("default")
 >>> theta = tf.constant([1.0, -1.0, 1.0])
 >>> state = rule.init(theta)
->>> signs, state = rule.update(tf.constant([5.0, -5.0, 0.0]), state, theta)
->>> (theta * signs).numpy().tolist(), int(state.step)
-([1.0, -1.0, 1.0], 1)
+>>> grads = tf.constant([5.0, -5.0, 0.0])  # theta * g > 0: a flip lowers the loss
+>>> signs, state = rule.update(grads, state, theta)
+>>> (theta * signs).numpy().tolist(), int(state.step), int(state.flips)
+([-1.0, 1.0, 1.0], 1, 2)
 """
 
 from __future__ import annotations

@@ -16,6 +16,18 @@ def digits():
     return data.digits()
 
 
+def random_lstm_weights(hidden=2, seed=0):
+    """LSTM weights with every gate and the recurrence in play (not a Bop rule)."""
+    rng = np.random.RandomState(seed)
+    return kflip.LSTMWeights(
+        kernel=rng.randn(2, 4 * hidden) * 0.5,
+        recurrent=rng.randn(hidden, 4 * hidden) * 0.5,
+        bias=rng.randn(4 * hidden),
+        out_kernel=rng.randn(hidden),
+        out_bias=0.1,
+    )
+
+
 def small_mlp(hidden=(32,), seed=0, num_classes=10, input_shape=(8, 8, 1)):
     """A tiny BinaryNet-style MLP on digits with exact +-1 kernels."""
     tf.keras.utils.set_random_seed(seed)

@@ -7,18 +7,8 @@ import pytest
 import tensorflow as tf
 
 import kflip
+from conftest import random_lstm_weights
 from kflip import cell as C
-
-
-def _random_weights(hidden=2, seed=0):
-    rng = np.random.RandomState(seed)
-    return kflip.LSTMWeights(
-        kernel=rng.randn(2, 4 * hidden) * 0.5,
-        recurrent=rng.randn(hidden, 4 * hidden) * 0.5,
-        bias=rng.randn(4 * hidden),
-        out_kernel=rng.randn(hidden),
-        out_bias=0.1,
-    )
 
 
 def _numpy_lstm(w, x, h, c):
@@ -34,7 +24,7 @@ def _numpy_lstm(w, x, h, c):
 
 @pytest.mark.parametrize("constant", [False, True])
 def test_lstm_cell_matches_numpy_reference(constant):
-    w = _random_weights(hidden=2)
+    w = random_lstm_weights(hidden=2)
     rng = np.random.RandomState(1)
     x = rng.randn(50, 2).astype(np.float32)
     h = rng.randn(50, 2).astype(np.float32) * 0.3
@@ -77,7 +67,7 @@ def test_recurrent_weights_below_half_an_ulp_are_dropped_exactly(jit):
 
 
 def test_weights_save_load_roundtrip(tmp_path):
-    w = _random_weights(hidden=2)
+    w = random_lstm_weights(hidden=2)
     w = kflip.LSTMWeights(**{**w.get_config(), "metadata": {"init": "test", "learned": False}})
     path = tmp_path / "rule.npz"
     w.save(str(path))

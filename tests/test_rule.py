@@ -5,20 +5,10 @@ import pytest
 import tensorflow as tf
 
 import kflip
+from conftest import random_lstm_weights
 from kflip import cell as C
 from kflip.adam import Adam
 from kflip.rule import FlipRule, FlipState
-
-
-def _random_weights(hidden=2, seed=0):
-    rng = np.random.RandomState(seed)
-    return kflip.LSTMWeights(
-        kernel=rng.randn(2, 4 * hidden) * 0.5,
-        recurrent=rng.randn(hidden, 4 * hidden) * 0.5,
-        bias=rng.randn(4 * hidden),
-        out_kernel=rng.randn(hidden),
-        out_bias=0.1,
-    )
 
 
 def _rule(w, constant=False, **options):
@@ -30,7 +20,7 @@ def _state(h, c, v=0.0, step=0):
 
 
 def test_update_flips_iff_output_negative_and_reframes_state():
-    w = _random_weights(hidden=1, seed=3)
+    w = random_lstm_weights(hidden=1, seed=3)
     rule = _rule(w)
     rng = np.random.RandomState(0)
     theta = tf.constant(np.sign(rng.randn(200)).astype(np.float32))
@@ -50,7 +40,7 @@ def test_update_flips_iff_output_negative_and_reframes_state():
 
 def test_rule_is_symmetric_under_global_sign_flip():
     """(theta, g) -> (-theta, -g) gives the same decisions: the rule lives in the weight's frame."""
-    rule = _rule(_random_weights(hidden=2, seed=5))
+    rule = _rule(random_lstm_weights(hidden=2, seed=5))
     rng = np.random.RandomState(0)
     theta = np.sign(rng.randn(300)).astype(np.float32)
     grad = rng.randn(300).astype(np.float32)
@@ -137,7 +127,7 @@ def test_a_list_of_tensors_is_each_tensor_on_its_own(hidden):
 
 
 def test_update_compiles_under_xla_and_equals_eager():
-    rule = _rule(_random_weights(hidden=2, seed=4), constant=True)
+    rule = _rule(random_lstm_weights(hidden=2, seed=4), constant=True)
     params, grads = _tensors(7)
     state = rule.init(params)
     compiled = tf.function(lambda g, s, p: rule.update(g, s, p), jit_compile=True)

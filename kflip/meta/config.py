@@ -11,7 +11,7 @@ describes (training and validation task keys) lives here too.
 >>> MetaConfig(sigma=-1)
 Traceback (most recent call last):
 ...
-ValueError: `sigma` must be a finite number > 0.0, got -1.
+ValueError: `sigma` must be a finite number > 0.0, got -1.0.
 """
 
 from __future__ import annotations

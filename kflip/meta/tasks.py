@@ -159,6 +159,48 @@ def _render28(x, rng, noise):
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
+def _teacher(rng, n: int, d: int):
+    """Gaussian inputs labelled by a random binary d-32-10 network."""
+    x = rng.randn(n, d).astype(np.float32)
+    w1 = np.sign(rng.randn(d, 32))
+    w2 = np.sign(rng.randn(32, N_CLASSES))
+    hid = np.sign(x @ w1 + 1e-6)
+    y = np.argmax(hid @ w2 + 1e-3 * rng.randn(n, N_CLASSES), axis=1).astype(np.int32)
+    return np.clip(x / 2.0, -1.0, 1.0), y  # same range as the image datasets
+
+
+def _digit_images(rng, n_train: int, d: int):
+    """``n_train + N_HELD_OUT`` digits at ``d`` = 64 or 784 inputs (held-out last)."""
+    xd, yd = _digits()
+    n = n_train + N_HELD_OUT
+    if n <= len(xd):
+        idx = rng.permutation(len(xd))[:n]
+        x, y = xd[idx], yd[idx]
+        return (x if d == N_FEATURES else _render28(x, rng, 0.0)), y
+    # held-out: distinct real images; training: augmented resamples of the rest
+    perm = rng.permutation(len(xd))
+    held, rest = perm[:N_HELD_OUT], perm[N_HELD_OUT:]
+    pick = rest[rng.randint(0, len(rest), size=n_train)]
+    if d == N_FEATURES:
+        x = np.concatenate([_augment(xd[pick], rng), xd[held]])
+    else:
+        x = np.concatenate([_render28(xd[pick], rng, 0.2), _render28(xd[held], rng, 0.0)])
+    return x, np.concatenate([yd[pick], yd[held]])
+
+
+def _variant(dataset: str, x, rng):
+    """The digits variant ``dataset`` of images ``x`` (a projection or a permutation)."""
+    d = x.shape[1]
+    if dataset == "digits-proj":
+        q, _ = np.linalg.qr(rng.randn(d, d))
+        return np.clip(x @ q.astype(np.float32), -1.0, 1.0)
+    if dataset == "digits-perm":
+        perm = rng.permutation(d)
+        flip = np.where(rng.rand(d) < 0.5, -1.0, 1.0).astype(np.float32)
+        return x[:, perm] * flip
+    return x
+
+
 def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int = N_TRAIN) -> Task:
     """Build task ``(family, dataset, seed)`` deterministically (numpy only).
 
@@ -173,38 +215,12 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
     if not isinstance(n_train, int) or n_train < BATCH_SIZE:
         raise ValueError(f"`n_train` must be an int >= {BATCH_SIZE}, got {n_train!r}.")
     rng = np.random.RandomState(seed % (2**32))
-    n = n_train + N_HELD_OUT
     d = FAMILIES[family].inputs
     if dataset == "teacher":
-        x = rng.randn(n, d).astype(np.float32)
-        w1 = np.sign(rng.randn(d, 32))
-        w2 = np.sign(rng.randn(32, N_CLASSES))
-        hid = np.sign(x @ w1 + 1e-6)
-        y = np.argmax(hid @ w2 + 1e-3 * rng.randn(n, N_CLASSES), axis=1).astype(np.int32)
-        x = np.clip(x / 2.0, -1.0, 1.0)  # same range as the image datasets
+        x, y = _teacher(rng, n_train + N_HELD_OUT, d)
     else:
-        xd, yd = _digits()
-        if n <= len(xd):
-            idx = rng.permutation(len(xd))[:n]
-            x, y = xd[idx], yd[idx]
-            if d != N_FEATURES:
-                x = _render28(x, rng, 0.0)
-        else:  # held-out: distinct real images; training: augmented resamples of the rest
-            perm = rng.permutation(len(xd))
-            held, rest = perm[:N_HELD_OUT], perm[N_HELD_OUT:]
-            pick = rest[rng.randint(0, len(rest), size=n_train)]
-            if d == N_FEATURES:
-                x = np.concatenate([_augment(xd[pick], rng), xd[held]])
-            else:
-                x = np.concatenate([_render28(xd[pick], rng, 0.2), _render28(xd[held], rng, 0.0)])
-            y = np.concatenate([yd[pick], yd[held]])
-        if dataset == "digits-proj":
-            q, _ = np.linalg.qr(rng.randn(d, d))
-            x = np.clip(x @ q.astype(np.float32), -1.0, 1.0)
-        elif dataset == "digits-perm":
-            perm = rng.permutation(d)
-            flip = np.where(rng.rand(d) < 0.5, -1.0, 1.0).astype(np.float32)
-            x = x[:, perm] * flip
+        x, y = _digit_images(rng, n_train, d)
+        x = _variant(dataset, x, rng)
     kernels = tuple(
         np.where(rng.rand(*s) < 0.5, -1.0, 1.0).astype(np.float32)
         for s in FAMILIES[family].kernel_shapes()
@@ -212,17 +228,9 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
     epochs = math.ceil(horizon * BATCH_SIZE / n_train)
     order = np.concatenate([rng.permutation(n_train) for _ in range(epochs)])
     batches = order[: horizon * BATCH_SIZE].reshape(horizon, BATCH_SIZE).astype(np.int32)
-    return Task(
-        family,
-        dataset,
-        int(seed),
-        x[:n_train].astype(np.float32),
-        y[:n_train].astype(np.int32),
-        x[n_train:].astype(np.float32),
-        y[n_train:].astype(np.int32),
-        kernels,
-        batches,
-    )
+    f32, i32 = (lambda a: a.astype(np.float32)), (lambda a: a.astype(np.int32))  # noqa: E731
+    return Task(family, dataset, int(seed), f32(x[:n_train]), i32(y[:n_train]),
+                f32(x[n_train:]), i32(y[n_train:]), kernels, batches)
 
 
 # ---- the functional binarized networks --------------------------------------------
