@@ -22,7 +22,8 @@ class FlipRate(tf.keras.callbacks.Callback):
 
     At the end of each epoch (and, with ``every_n_batches``, every so many batches)
     adds ``flip_rate/<layer>/<weight>`` (e.g. ``flip_rate/quant_dense/kernel``): the
-    fraction of that variable's weights flipped per step since the last report, and ``flip_rate``: the same over all binary weights.
+    fraction of that variable's weights flipped per step since the last report, and
+    ``flip_rate``: the same over all binary weights.
     These land in ``History`` and, if a ``TensorBoard`` callback comes after this one
     in the list, in TensorBoard. ``history`` keeps every per-batch report.
 

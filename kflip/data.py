@@ -180,7 +180,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
 
 def npz_candidates(name: str, data_dir: str | None = None) -> list[str]:
-    """Where :func:`load` looks for ``<name>.npz``: in ``data_dir``, then ``$KFLIP_DATA_DIR``.
+    """Where :func:`load` looks for ``<name>.npz``: ``data_dir``, then ``$KFLIP_DATA_DIR``.
 
     Example:
       >>> import kflip
@@ -257,7 +257,8 @@ def load(name: str = "digits", data_dir: str | None = None, download: bool = Fal
       'sklearn.datasets.load_digits'
       >>> data_dir = tempfile.mkdtemp()  # or set $KFLIP_DATA_DIR
       >>> x, y = np.zeros((4, 28, 28), np.uint8), np.array([0, 1, 0, 1])
-      >>> np.savez(os.path.join(data_dir, "tiny.npz"), x_train=x, y_train=y, x_test=x, y_test=y)
+      >>> path = os.path.join(data_dir, "tiny.npz")
+      >>> np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
       >>> kflip.data.load("tiny", data_dir=data_dir).x_train.shape
       (4, 28, 28, 1)
     """
