@@ -281,6 +281,12 @@ def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p)
 
 
+_BOP_DESCRIPTION = (
+    "Analytic initialisation reproducing Bop's momentum-and-threshold rule inside one "
+    "LSTM unit. Not meta-learned."
+)
+
+
 def bop_weights(
     threshold: float = 1e-6,
     gamma: float = 1e-3,
@@ -335,16 +341,8 @@ def bop_weights(
         metadata={
             "init": "analytic-bop",
             "learned": False,
-            "description": (
-                "Analytic initialisation reproducing Bop's momentum-and-threshold rule "
-                "inside one LSTM unit. Not meta-learned."
-            ),
-            "bop": {
-                "threshold": threshold,
-                "gamma": gamma,
-                "normalized": normalized,
-                "scale": scale,
-            },
+            "description": _BOP_DESCRIPTION,
+            "bop": dict(threshold=threshold, gamma=gamma, normalized=normalized, scale=scale),
         },
     )
     return weights.padded(hidden_size)
