@@ -28,20 +28,19 @@ class FlipRate(tf.keras.callbacks.Callback):
     in the list, in TensorBoard. ``history`` keeps every per-batch report.
 
     Example:
-      >>> import kflip
-      >>> import tensorflow as tf
-      >>> tf.keras.backend.clear_session()  # deterministic layer names
-      >>> ds = kflip.data.digits()
-      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
-      >>> model.compile(kflip.FlipLSTM(), "sparse_categorical_crossentropy")
+      >>> import kflip, tensorflow as tf
+      >>> tf.keras.backend.clear_session()  # fresh layer names
+      >>> digits = kflip.data.digits()
+      >>> net = kflip.models.mlp(input_shape=digits.input_shape, hidden=(16,))
+      >>> net.compile(kflip.FlipLSTM(), "sparse_categorical_crossentropy")
       >>> rate = kflip.FlipRate(every_n_batches=1)
-      >>> hist = model.fit(ds.x_train[:128], ds.y_train[:128], batch_size=64,
-      ...                  callbacks=[rate], verbose=0)
-      >>> sorted(k for k in hist.history if k.startswith("flip_rate"))
+      >>> logs = net.fit(digits.x_train[:128], digits.y_train[:128], batch_size=64,
+      ...                callbacks=[rate], verbose=0).history
+      >>> sorted(k for k in logs if k.startswith("flip_rate"))
       ['flip_rate', 'flip_rate/quant_dense/kernel', 'flip_rate/quant_dense_1/kernel']
       >>> [r["step"] for r in rate.history]  # one report per batch
       [1, 2]
-      >>> 0.0 <= hist.history["flip_rate"][0] <= 1.0
+      >>> 0.0 <= logs["flip_rate"][0] <= 1.0
       True
     """
 
