@@ -399,18 +399,32 @@ def _stderr_fd_silenced():
         os.close(saved)
 
 
+def _api_missing(command: str) -> int | None:
+    """Start the API; if TensorFlow or larq is not installed, say so in one line (2)."""
+    try:
+        _start_api()
+    except ImportError as e:
+        print(f"kflip {command}: error: {e.name or e} is not installed in this Python "
+              f"({sys.executable}); install kflip with its dependencies: "
+              "pip install kflip", file=sys.stderr)
+        return 2
+    return None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``kflip`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PLUGINS:
-        _start_api()
-        return _run_plugin(argv[0], argv[1:])
+        code = _api_missing(argv[0])
+        return code if code is not None else _run_plugin(argv[0], argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    _start_api()
+    code = _api_missing(args.command)
+    if code is not None:
+        return code
     handler = {"train": _cmd_train, "bench": _cmd_bench}[args.command]
     return _guarded(args.command, lambda: handler(args, argv))
 

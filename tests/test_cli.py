@@ -341,6 +341,22 @@ def test_help_and_version_do_not_start_tensorflow():
     assert f"kflip {kflip.__version__}" in out.stdout and "usage: kflip" in out.stdout
 
 
+def test_a_missing_tensorflow_is_one_line_and_exit_2():
+    code = (
+        "import sys\n"
+        "sys.modules['tensorflow'] = None  # as if TensorFlow were not installed\n"
+        "import _kflip_cli\n"
+        "sys.argv = ['kflip', 'train']\n"
+        "sys.exit(_kflip_cli.main())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KFLIP_DEFER_IMPORTS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 2, out.stderr
+    err = out.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kflip train: error: tensorflow is not installed")
+
+
 def test_console_script_error_is_one_line_without_tensorflow_noise(tmp_path):
     exe = shutil.which("kflip")
     assert exe, "the kflip console script is not installed (pip install -e .)"
