@@ -323,6 +323,13 @@ def test_plots_from_results_json(tmp_path):
 
 
 # ---- mistakes are refused before training, in one line, exit 2 ----------------------
+def _python(code: str):
+    """Run ``code`` in a fresh Python, as the console script would start."""
+    env = {k: v for k, v in os.environ.items() if k != "KFLIP_DEFER_IMPORTS"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
 def test_help_and_version_do_not_start_tensorflow():
     code = (
         "import sys, _kflip_cli\n"
@@ -334,9 +341,7 @@ def test_help_and_version_do_not_start_tensorflow():
         "        assert e.code == 0, e.code\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "KFLIP_DEFER_IMPORTS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env)
+    out = _python(code)
     assert out.returncode == 0, out.stderr
     assert f"kflip {kflip.__version__}" in out.stdout and "usage: kflip" in out.stdout
 
@@ -349,9 +354,7 @@ def test_a_missing_tensorflow_is_one_line_and_exit_2():
         "sys.argv = ['kflip', 'train']\n"
         "sys.exit(_kflip_cli.main())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "KFLIP_DEFER_IMPORTS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env)
+    out = _python(code)
     assert out.returncode == 2, out.stderr
     err = out.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kflip train: error: tensorflow is not installed")
