@@ -52,6 +52,13 @@ def flip_probability(
     at +1 (so ``mean > 0`` means flipping lowers the loss), and the rule runs exactly
     as in FlipLSTM (:class:`kflip.rule.FlipRule`, per-tensor normalisation over the
     ``trials`` coordinates). Returns an array like ``means``.
+
+    >>> import kflip
+    >>> from kflip.meta.inspect import flip_probability
+    >>> p = flip_probability(kflip.bop_weights(0.0, 0.5, normalized=True, scale=1.0),
+    ...                      means=[-1.0, 1.0], steps=20, trials=100)
+    >>> bool(p[1] > p[0])  # evidence for a flip makes flipping likelier
+    True
     """
     import tensorflow as tf
 

@@ -58,7 +58,17 @@ class MetaState:
 
 
 def save_checkpoint(path: str, state: MetaState) -> None:
-    """Write ``state`` to ``path`` atomically (a temporary file, then a rename)."""
+    """Write ``state`` to ``path`` atomically (a temporary file, then a rename).
+
+    >>> import os, tempfile
+    >>> from kflip.meta import MetaConfig, MetaState, load_checkpoint, save_checkpoint
+    >>> config = MetaConfig()
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.json")
+    >>> save_checkpoint(path, MetaState.start(config, size=13))
+    >>> state = load_checkpoint(path, config)  # plain JSON, checked against config
+    >>> state.iteration, state.z.shape, state.adam.count
+    (0, (13,), 0)
+    """
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:
         json.dump(state.to_json(), fh)
