@@ -184,7 +184,12 @@ def initial_weights(config: MetaConfig) -> cell_lib.LSTMWeights:
 
 
 def trainable_mask(config: MetaConfig) -> np.ndarray:
-    """1 for meta-trained coordinates of the flat vector, 0 for frozen ones."""
+    """1 for meta-trained coordinates of the flat vector, 0 for frozen ones.
+
+    >>> mask = trainable_mask(MetaConfig())  # hidden size 1: 18 coordinates
+    >>> int(mask.sum()), mask.size  # the 6 input weights of 3 gates are frozen
+    (12, 18)
+    """
     h = config.hidden_size
     mask = np.ones(unroll.num_params(h))
     n_feat = len(cell_lib.FEATURES)

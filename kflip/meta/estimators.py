@@ -51,7 +51,11 @@ class GradientEstimator(Protocol):
 
 
 def centered_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks of ``x`` scaled to [-0.5, 0.5] (ties broken by position; deterministic)."""
+    """Ranks of ``x`` scaled to [-0.5, 0.5] (ties broken by position; deterministic).
+
+    >>> centered_ranks([3.0, -1.0, 10.0]).tolist()
+    [0.0, -0.5, 0.5]
+    """
     x = np.asarray(x, np.float64).ravel()
     ranks = np.empty(len(x))
     ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
@@ -63,6 +67,11 @@ def es_gradient(loss_plus, loss_minus, eps, sigma: float) -> np.ndarray:
 
     ``loss_plus[i]``/``loss_minus[i]`` are the losses at ``w +- sigma * eps[i]``. The
     losses are replaced by their centred ranks over the whole population first.
+
+    >>> import numpy as np
+    >>> eps = np.array([[1.0, 0.0], [0.0, 1.0]])  # two pairs, one along each axis
+    >>> es_gradient([2.0, 0.0], [0.0, 1.0], eps, sigma=0.1)  # up along 0, down along 1
+    array([ 3.33333333, -3.33333333])
     """
     loss_plus = np.asarray(loss_plus, np.float64)
     loss_minus = np.asarray(loss_minus, np.float64)
