@@ -57,14 +57,27 @@ def named_binary_variables(model) -> list:
         if isinstance(layer, tf.keras.layers.Layer):
             for w in layer.trainable_weights:
                 owner[w.ref()] = layer.name
+    variables = binary_variables(model)
+    names = (
+        f"{owner.get(v.ref(), model.name)}/{v.name.split('/')[-1].split(':')[0]}"
+        for v in variables
+    )
+    return list(zip(unique_names(names), variables))
+
+
+def unique_names(names) -> list:
+    """``names`` with repeats made distinct by a suffix (``a``, ``a_2``, ``a_3``).
+
+    >>> unique_names(["kernel", "kernel", "bias"])
+    ['kernel', 'kernel_2', 'bias']
+    """
     out, seen = [], set()
-    for v in binary_variables(model):
-        name = f"{owner.get(v.ref(), model.name)}/{v.name.split('/')[-1].split(':')[0]}"
+    for name in names:
         base, k = name, 2
         while name in seen:
             name, k = f"{base}_{k}", k + 1
         seen.add(name)
-        out.append((name, v))
+        out.append(name)
     return out
 
 

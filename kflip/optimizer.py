@@ -13,7 +13,7 @@ import tensorflow as tf  # noqa: E402
 from kflip import _checks as checks  # noqa: E402
 from kflip import cell as cell_lib  # noqa: E402
 from kflip import rule as rule_lib  # noqa: E402
-from kflip.binary import is_binary_variable, named_binary_variables  # noqa: E402
+from kflip.binary import is_binary_variable, named_binary_variables, unique_names  # noqa: E402
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
 _OUTPUTS = ("flip", "gradient")
@@ -201,7 +201,7 @@ class FlipLSTM(Optimizer):
 
     def _named(self, model):
         if model is None:
-            names = [v.name.split(":")[0] for v in self._binary_vars]
+            names = unique_names(v.name.split(":")[0] for v in self._binary_vars)
             pairs = zip(names, self._binary_vars)
         else:
             pairs = named_binary_variables(model)
@@ -269,7 +269,8 @@ class FlipLSTM(Optimizer):
             # 2**20 carries into high): exact far beyond float32's 2**24, and a plain
             # slot, so every Keras/TF save path restores it.
             self.add_slot(var, "flips", shape=_SLOT_SHAPES["flips"])
-            self._binary_vars.append(var)
+            if not any(var is known for known in self._binary_vars):  # called per trace
+                self._binary_vars.append(var)
 
     def _create_or_restore_slot_variable(
         self, slot_variable_position, slot_name, variable, slot_variable_shape=None
@@ -343,10 +344,8 @@ class FlipLSTM(Optimizer):
         return ops
 
     def _rule(self, dtype) -> rule_lib.FlipRule:
-        return rule_lib.FlipRule(
-            cell_lib.CellTensors.from_weights(self.lstm_weights, constant=True),
-            self.lstm_weights.beta,
-            self.lstm_weights.eps,
+        return rule_lib.FlipRule.from_weights(
+            self.lstm_weights,
             flip_threshold=self._decayed("flip_threshold", dtype),
             max_flip_rate=self.max_flip_rate,
         )

@@ -187,16 +187,19 @@ class FlipRule:
         return signs, FlipState(field(1), field(2), field(3), step + 1, field(4))
 
 
+def _single(params) -> bool:
+    """True for one tensor (as opposed to a list or tuple of tensors)."""
+    return tf.is_tensor(params) or isinstance(params, (tf.Variable, np.ndarray))
+
+
 def _pack(structure, flat):
     """``flat`` in the structure of ``structure`` (one tensor, or a tuple of them)."""
-    if tf.is_tensor(structure) or isinstance(structure, (tf.Variable, np.ndarray)):
-        return flat[0]
-    return tuple(flat)
+    return flat[0] if _single(structure) else tuple(flat)
 
 
 def _zip(params, grads, state: FlipState):
     """Per-tensor ``(param, grad, h, c, v, flips)`` for one tensor or a list of them."""
-    if tf.is_tensor(params) or isinstance(params, (tf.Variable, np.ndarray)):
+    if _single(params):
         return [(params, grads, state.h, state.c, state.v, state.flips)]
     return list(zip(params, grads, state.h, state.c, state.v, state.flips))
 

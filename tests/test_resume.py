@@ -191,6 +191,7 @@ def test_flip_telemetry_is_keyed_by_layer_after_reloading(digits, tmp_path, fmt)
         back.train_on_batch(digits.x_train[:BATCH], digits.y_train[:BATCH])  # restores slots
     got = back_opt.flip_counts(back)
     assert list(got) == list(want)  # one entry per layer, not merged
+    assert sorted(back_opt.flip_counts().values()) == sorted(got.values())  # no model: same
     sizes = back_opt.binary_sizes(back)
     assert sizes == {"quant_dense/kernel": 64 * 32, "quant_dense_1/kernel": 32 * 10}
     # .keras does not restore optimizer slots (docs/fliplstm.md): its counters restart
