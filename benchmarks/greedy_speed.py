@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data, greedy, models  # noqa: E402
+from kflip.greedy import evaluators, incremental, network, probe, search  # noqa: E402
 
 
 def bop():
@@ -71,26 +72,26 @@ def main(argv=None):
     if args.epochs:
         model.fit(ds.x_train, ds.y_train, batch_size=64, epochs=args.epochs, verbose=2)
     kflip.snap_binary_weights(model)
-    xp, yp = greedy._probe(ds.x_train, ds.y_train, args.probe_size, 0)
-    net = greedy._Network(model, None, None)
+    (xp, yp), _ = probe.probe_sets(ds.x_train, ds.y_train, args.probe_size, seed=0)
+    net = network.Network(model)
     rows = []
     for p in [i for i in net.linear if net.ops[i].binary]:
         lin = net.ops[p]
         Wm = tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units])
         total = lin.fan_in * lin.units
-        cc, ff = greedy._groups("index", lin.fan_in, lin.units, 1, None)
+        cc, ff = search.groups("index", lin.fan_in, lin.units, 1, None)
         # naive: full forward per candidate
-        nv = greedy._Naive(net, p, xp, yp)
+        nv = evaluators.NaiveEvaluator(net, p, xp, yp)
         w = Wm.numpy()
-        nv.loss_sum(tf.constant(w))  # compile
+        nv.loss_of(tf.constant(w))  # compile
         t0 = time.perf_counter()
         for j in range(args.naive_candidates):
             w2 = w.copy()
             w2[ff[j, 0], cc[j]] *= -1
-            nv.loss_sum(tf.constant(w2))
+            nv.loss_of(tf.constant(w2))
         naive_rate = args.naive_candidates / (time.perf_counter() - t0)
         # incremental evaluation kernel
-        s = greedy._LayerSearch(net, p, xp, yp, pairs_per_block=65536)
+        s = incremental.IncrementalEvaluator(net, p, xp, yp, pairs_per_block=65536)
         s.start(Wm)
         b = args.block_size
         ncand = min(args.inc_candidates, total)
@@ -112,12 +113,12 @@ def main(argv=None):
         inc_rate = done / (time.perf_counter() - t0)
         # exactness spot check: incremental vs naive loss for the first naive candidates
         res = evaluate(s, cc[:b], ff[:b], mm, {"overflow": 0})
-        base = nv.loss_sum(tf.constant(w))
+        base = nv.loss_of(tf.constant(w))
         errs = []
         for j in range(8):
             w2 = w.copy()
             w2[ff[j, 0], cc[j]] *= -1
-            errs.append(abs((nv.loss_sum(tf.constant(w2)) - base) - res[0][j]) / len(yp))
+            errs.append(abs((nv.loss_of(tf.constant(w2)) - base) - res[0][j]) / len(yp))
         row = dict(
             layer=lin.name,
             kernel=list(lin.kernel_shape),
@@ -134,7 +135,7 @@ def main(argv=None):
     for name in [r["layer"] for r in rows]:
         rep = greedy.greedy_flip(
             model, xp.numpy(), yp.numpy(), probe_size=None, layers=[name],
-            block_size=args.block_size, max_seconds=args.max_seconds,
+            block_size=args.block_size, max_seconds=args.max_seconds, time_budget=None, verbose=0,
         )
         lr = rep.layers[0]
         e2e.append(dict(layer=name, tried=lr.tried, accepted=lr.accepted, seconds=lr.seconds,

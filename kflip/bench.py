@@ -586,7 +586,7 @@ def run_greedy(model, dataset, *, examples: int = 1024, options: dict | None = N
     options = greedy_options_with_defaults(options, examples)
     snap_binary_weights(model)
     t0 = time.perf_counter()
-    report = module.greedy_flip(model, dataset.x_train, dataset.y_train, **options)
+    report = module.greedy_flip(model, dataset.x_train, dataset.y_train, **{"verbose": 0, **options})
     seconds = time.perf_counter() - t0
     assert_binary(model)
     return {"report": _jsonable(report), "seconds": seconds, "options": _jsonable(options)}

@@ -104,9 +104,9 @@ _SCRIPT = textwrap.dedent(
             runs_g.append(summary(greedy.greedy_flip(
                 model, x, y, method="naive", layers=[1], max_candidates=12, **probe), model))
             # the search kernels stay XLA-compiled and capture no (mirrored) variable
-            net = greedy._Network(model, None, None)
-            s = greedy._LayerSearch(net, net.linear[0], tf.constant(x[:32]),
-                                    tf.constant(y[:32]), 4096)
+            net = greedy.network.Network(model, None, None)
+            s = greedy.incremental.IncrementalEvaluator(net, net.linear[0], tf.constant(x[:32]),
+                                                        tf.constant(y[:32]), 4096)
             lin = net.ops[net.linear[0]]
             s.start(tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units]))
             cc = np.zeros(8, np.int32)

@@ -11,6 +11,7 @@ from conftest import binary_values, is_pm1, small_cnn, small_mlp
 
 import kflip
 from kflip import greedy
+from kflip.greedy import driver, evaluators, incremental, network, search
 
 N_PROBE = 64
 
@@ -21,27 +22,27 @@ def probe(digits):
 
 
 def _naive_delta(net, p, xp, yp, Wm, c, f, m):
-    nv = greedy._Naive(net, p, xp, yp)
-    base = nv.loss_sum(tf.constant(Wm))
+    nv = evaluators.NaiveEvaluator(net, p, xp, yp)
+    base = nv.loss_of(tf.constant(Wm))
     out = []
     for ci, fi, mi in zip(c, f, m):
         w2 = Wm.copy()
         for a, bit in zip(fi, mi):
             if bit:
                 w2[a, ci] *= -1
-        out.append(nv.loss_sum(tf.constant(w2)) - base)
+        out.append(nv.loss_of(tf.constant(w2)) - base)
     return np.array(out)
 
 
 def _check_layers_exact(model, x, y, n_cand=24, group=2, seed=0):
     """Incremental loss deltas == naive full-forward deltas, every binary layer."""
     rng = np.random.RandomState(seed)
-    net = greedy._Network(model, None, None)
+    net = network.Network(model, None, None)
     xp, yp = tf.constant(x), tf.constant(y)
     for p in [i for i in net.linear if net.ops[i].binary]:
         lin = net.ops[p]
         Wm = tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units])
-        s = greedy._LayerSearch(net, p, xp, yp, pairs_per_block=4096)
+        s = incremental.IncrementalEvaluator(net, p, xp, yp, pairs_per_block=4096)
         s.start(Wm)
         c = rng.randint(0, lin.units, n_cand).astype(np.int32)
         f = np.stack([rng.choice(lin.fan_in, group, replace=False) for _ in range(n_cand)]).astype(np.int32)
@@ -58,7 +59,7 @@ def _check_layers_exact(model, x, y, n_cand=24, group=2, seed=0):
 def test_functional_forward_matches_keras(probe):
     x, _ = probe
     for model in (small_mlp(hidden=(16,)), small_cnn()):
-        net = greedy._Network(model, None, None)
+        net = network.Network(model, None, None)
         ours = net.outputs(net.forward(tf.constant(x))).numpy()
         np.testing.assert_allclose(ours, model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -110,8 +111,8 @@ def test_accepted_sequence_equals_naive(probe, order):
 def test_every_accept_strictly_lowers_probe_loss_and_weights_stay_binary(probe):
     x, y = probe
     model = small_cnn(seed=2)
-    net = greedy._Network(model, None, None)
-    full = tf.function(lambda t: greedy._sum64(net.per_example_loss(net.forward(t), y)), jit_compile=True)
+    net = network.Network(model, None, None)
+    full = tf.function(lambda t: greedy.ops.sum64(net.per_example_loss(net.forward(t), y)), jit_compile=True)
     losses = [float(full(x))]
     binary_ok = []
 
@@ -145,7 +146,7 @@ def test_interrupt_leaves_model_as_after_last_accepted_flip(probe, monkeypatch, 
 
     if where == "evaluate":
         calls = {"n": 0}
-        orig = greedy._LayerSearch.evaluate
+        orig = incremental.IncrementalEvaluator.evaluate
 
         def flaky(self, *a):
             calls["n"] += 1
@@ -153,7 +154,7 @@ def test_interrupt_leaves_model_as_after_last_accepted_flip(probe, monkeypatch, 
                 raise RuntimeError("boom")
             return orig(self, *a)
 
-        monkeypatch.setattr(greedy._LayerSearch, "evaluate", flaky)
+        monkeypatch.setattr(incremental.IncrementalEvaluator, "evaluate", flaky)
     with pytest.raises(KeyboardInterrupt if where == "accept_hook" else RuntimeError):
         greedy.greedy_flip(model, x, y, probe_size=None, on_step=hook, block_size=8)
     assert len(snapshots) >= 1
@@ -171,11 +172,11 @@ def test_exhaustive_returns_best_assignment(probe):
     assert rep.tried == 3 * 15
     w1 = binary_values(model)
     # brute force over the 16 assignments of the first group (fan-in 0..3 of unit 0)
-    net = greedy._Network(model, None, None)
+    net = network.Network(model, None, None)
     p = net.linear[0]
-    nv = greedy._Naive(net, p, tf.constant(x), tf.constant(y))
+    nv = evaluators.NaiveEvaluator(net, p, tf.constant(x), tf.constant(y))
     W = w0[0].reshape(-1, 8)
-    best = min(range(16), key=lambda code: (nv.loss_sum(tf.constant(_flip(W, 0, code))), code))
+    best = min(range(16), key=lambda code: (nv.loss_of(tf.constant(_flip(W, 0, code))), code))
     got = w1[0].reshape(-1, 8)
     assert np.array_equal(got[:4, 0], _flip(W, 0, best)[:4, 0])
     ref = greedy.greedy_flip(small_mlp(hidden=(8,), seed=7), x, y, probe_size=None, layers=[0],
@@ -208,7 +209,7 @@ def test_options_gradient_order_groups_budgets_and_backward(probe):
     logs = rep.as_logs()
     assert logs["greedy/accepted"] == rep.accepted and "greedy/loss_after" in logs
     # gradient ranking: the first candidates have the most negative first-order change
-    s = greedy._groups("gradient", 5, 2, 1, None, gain=np.array([[3.0, -1], [-5, 0], [0, 0], [1, 2], [-2, 9]]))
+    s = search.groups("gradient", 5, 2, 1, None, gain=np.array([[3.0, -1], [-5, 0], [0, 0], [1, 2], [-2, 9]]))
     assert list(zip(s[0][:3], s[1][:3, 0])) == [(0, 1), (0, 4), (1, 0)]
 
 
@@ -223,7 +224,7 @@ def test_dataset_input_matches_arrays(digits):
     assert ra.layers[0].flips == rb.layers[0].flips and ra.probe_size == rb.probe_size == 80
 
 
-def test_functional_chain_supported_and_branches_rejected(probe):
+def test_functional_chain_supported_and_concatenate_rejected(probe):
     x, y = probe
     inp = tf.keras.Input((8, 8, 1))
     h = tf.keras.layers.Flatten()(inp)
@@ -233,9 +234,9 @@ def test_functional_chain_supported_and_branches_rejected(probe):
     kflip.snap_binary_weights(model)
     rep = greedy.greedy_flip(model, x, y, probe_size=None, max_candidates=64, block_size=64)
     assert rep.tried == 64
-    h2 = tf.keras.layers.Add()([h, h])
+    h2 = tf.keras.layers.Concatenate()([h, h])
     branchy = tf.keras.Model(inp, tf.keras.layers.Activation("softmax")(h2))
-    with pytest.raises(ValueError, match="model"):
+    with pytest.raises(ValueError, match="Concatenate"):
         greedy.greedy_flip(branchy, x, y)
 
 
@@ -279,9 +280,9 @@ def test_bad_input_raises_clear_value_errors(probe):
 def test_search_kernels_compile_with_xla(probe):
     x, y = probe
     model = small_mlp(hidden=(8,))
-    net = greedy._Network(model, None, None)
+    net = network.Network(model, None, None)
     p = net.linear[0]
-    s = greedy._LayerSearch(net, p, tf.constant(x), tf.constant(y), 4096)
+    s = incremental.IncrementalEvaluator(net, p, tf.constant(x), tf.constant(y), 4096)
     lin = net.ops[p]
     s.start(tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units]))
     cc, ff, mm = np.zeros(8, np.int32), np.arange(8, dtype=np.int32)[:, None], np.ones((8, 1), np.float32)
@@ -318,3 +319,80 @@ def test_greedyflip_callback_logs_history_and_tensorboard(digits, tmp_path):
     assert is_pm1(binary_values(model))
     if log_dir is not None:
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+
+
+def residual_net(seed=0, filters=8):
+    """A small Bi-Real-style net: binary stem, two residual blocks (one crossing a
+    pooling), binary head; every kernel +-1."""
+    tf.keras.utils.set_random_seed(seed)
+    binary = dict(kernel_quantizer="ste_sign", kernel_constraint="weight_clip", use_bias=False)
+    bn = lambda: tf.keras.layers.BatchNormalization(momentum=0.9, scale=False)  # noqa: E731
+    inp = tf.keras.Input((8, 8, 1))
+    h = bn()(lq.layers.QuantConv2D(filters, 3, padding="same", **binary)(inp))
+    for pool in (False, True):
+        y = bn()(lq.layers.QuantConv2D(filters, 3, padding="same", input_quantizer="ste_sign", **binary)(h))
+        h = tf.keras.layers.Add()([h, y])
+        if pool:
+            h = tf.keras.layers.MaxPooling2D(2)(h)
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    h = bn()(lq.layers.QuantDense(10, input_quantizer="ste_sign", **binary)(h))
+    model = tf.keras.Model(inp, tf.keras.layers.Activation("softmax")(h))
+    for layer in model.layers:  # non-trivial BatchNorm statistics
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            rng = np.random.RandomState(len(layer.name))
+            layer.moving_mean.assign(rng.randn(c).astype(np.float32))
+            layer.moving_variance.assign((rng.rand(c) * 4 + 1).astype(np.float32) * filters)
+    kflip.snap_binary_weights(model)
+    return model
+
+
+def test_residual_net_lowered_and_forward_matches_keras(probe):
+    x, _ = probe
+    model = residual_net()
+    net = network.Network(model)
+    assert sum(isinstance(op, greedy.ops.Add) for op in net.ops) == 2
+    ours = net.outputs(net.forward(tf.constant(x))).numpy()
+    np.testing.assert_allclose(ours, model(x, training=False).numpy(), rtol=1e-5, atol=1e-6)
+    # the blocks' convs are crossed by a shortcut; the head is a chain
+    kinds = [type(driver.make_evaluator(net, p, tf.constant(x), tf.constant(_), greedy.GreedyOptions())).__name__
+             for p in net.linear]
+    assert kinds == ["SuffixEvaluator"] * 3 + ["IncrementalEvaluator"]
+
+
+def test_suffix_evaluator_equals_naive_on_residual_net(probe):
+    x, y = probe
+    model = residual_net(seed=1)
+    net = network.Network(model)
+    xp, yp = tf.constant(x), tf.constant(y)
+    rng = np.random.RandomState(0)
+    for p in net.linear:
+        lin = net.ops[p]
+        Wm = tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units])
+        ev = driver.make_evaluator(net, p, xp, yp, greedy.GreedyOptions())
+        ev.start(Wm)
+        c = rng.randint(0, lin.units, 10).astype(np.int32)
+        f = np.stack([rng.choice(lin.fan_in, 2, replace=False) for _ in range(10)]).astype(np.int32)
+        m = (rng.rand(10, 2) < 0.7).astype(np.float32)
+        delta, _ = ev.evaluate(c, f, m)
+        ref = _naive_delta(net, p, xp, yp, Wm.numpy(), c, f, m)
+        np.testing.assert_allclose(delta, ref, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(ref).max()),
+                                   err_msg=lin.name)
+        assert np.any(delta != 0.0), lin.name
+
+
+@pytest.mark.parametrize("order", ["index", "gradient"])
+def test_residual_search_equals_naive_flip_for_flip(probe, order):
+    x, y = probe
+    runs = {}
+    for method in ("incremental", "naive"):
+        model = residual_net(seed=2)
+        rep = greedy.greedy_flip(model, x, y, probe_size=None, method=method, order=order,
+                                 max_candidates=48, block_size=16, time_budget=None, verbose=0)
+        runs[method] = (rep, binary_values(model))
+        assert is_pm1(runs[method][1])
+    inc, ref = runs["incremental"][0], runs["naive"][0]
+    assert [lr.flips for lr in inc.layers] == [lr.flips for lr in ref.layers]
+    assert inc.accepted > 0 and inc.loss_after < inc.loss_before
+    np.testing.assert_allclose(inc.loss_after, ref.loss_after, rtol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(runs["incremental"][1], runs["naive"][1]))

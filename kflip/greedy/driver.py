@@ -1,0 +1,173 @@
+"""``greedy_flip``: probe data, layer selection, evaluators, budgets, holdout check."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from kflip import _keras
+
+_keras.select_keras2()
+import tensorflow as tf  # noqa: E402
+
+from kflip.greedy import probe as probe_lib  # noqa: E402
+from kflip.greedy.evaluators import NaiveEvaluator  # noqa: E402
+from kflip.greedy.incremental import IncrementalEvaluator  # noqa: E402
+from kflip.greedy.network import Network  # noqa: E402
+from kflip.greedy.ops import sum64  # noqa: E402
+from kflip.greedy.options import GreedyOptions  # noqa: E402
+from kflip.greedy.progress import Progress  # noqa: E402
+from kflip.greedy.report import GreedyReport  # noqa: E402
+from kflip.greedy.search import search_layer  # noqa: E402
+from kflip.greedy.suffix import SuffixEvaluator  # noqa: E402
+
+
+def select_layers(net: Network, layers):
+    """Op indices of the binary kernels named by ``layers`` (None: all), in model order."""
+    binary = [i for i in net.linear if net.ops[i].binary]
+    if layers is None:
+        return binary
+    if isinstance(layers, (str, int)) or isinstance(layers, tf.keras.layers.Layer):
+        layers = [layers]
+    chosen = []
+    for spec in layers:
+        if isinstance(spec, tf.keras.layers.Layer):
+            match = [i for i in binary if net.ops[i].layer is spec]
+        elif isinstance(spec, str):
+            match = [i for i in binary if net.ops[i].name == spec]
+        elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+            match = [binary[spec]] if -len(binary) <= spec < len(binary) else []
+        else:
+            match = []
+        if not match:
+            names = [net.ops[i].name for i in binary]
+            raise ValueError(f"`layers`: {spec!r} is not a binary layer of the model (binary layers: {names}).")
+        if match[0] not in chosen:
+            chosen.append(match[0])
+    return sorted(chosen)
+
+
+def make_evaluator(net: Network, p: int, x, y, options: GreedyOptions):
+    """The evaluator ``options.method`` asks for, for the kernel of op ``p``."""
+    if options.method == "naive":
+        return NaiveEvaluator(net, p, x, y)
+    if IncrementalEvaluator.applies(net, p):
+        return IncrementalEvaluator(net, p, x, y, options.pairs_per_block)
+    return SuffixEvaluator(net, p, x, y)
+
+
+class _Holdout:
+    """The mean loss on the holdout set with the model's current weights."""
+
+    def __init__(self, net, data):
+        self.x, self.y = data
+        self.n = int(self.x.shape[0])
+        self.fn = net.jit(lambda t, yy: sum64(net.per_example_loss(net.forward(t), yy)))
+
+    def __call__(self):
+        return float(self.fn(self.x, self.y)) / self.n
+
+
+def _prepare(model, x, y, options):
+    net = Network(model, options.loss, options.from_logits)
+    chosen = select_layers(net, options.layers)
+    if not chosen:
+        raise ValueError("`model` has no binary (precision 1) QuantDense/QuantConv2D kernels.")
+    probe_lib.check_kernels(net, chosen)
+    (xp, yp), held = probe_lib.probe_sets(x, y, options.probe_size, options.holdout, options.probe_seed)
+    expected = tuple(model.input_shape[1:])
+    if tuple(xp.shape[1:]) != expected:
+        raise ValueError(f"`x` examples have shape {tuple(xp.shape[1:])}, the model expects {expected}.")
+    probe_lib.check_classes(model, options.loss, yp)
+    if held is not None:
+        probe_lib.check_classes(model, options.loss, held[1])
+    return net, chosen[::-1] if options.layer_order == "backward" else chosen, (xp, yp), held
+
+
+def _deadline(options, t0, now, left):
+    """This layer's deadline: its own limit and its share of the remaining budget."""
+    ends = []
+    if options.max_seconds is not None:
+        ends.append(now + options.max_seconds)
+    if options.time_budget is not None:
+        ends.append(now + max(0.0, t0 + options.time_budget - now) / left)
+    return min(ends) if ends else None
+
+
+def _check_layer(rep, lin, holdout, h_before, w_before):
+    """Revert the layer to ``w_before`` unless its flips lowered the holdout loss."""
+    rep.holdout_before, rep.holdout_after = h_before, holdout()
+    if rep.accepted and not rep.holdout_after < h_before:
+        lin.var.assign(w_before)
+        rep.reverted, rep.holdout_after, rep.loss_after = True, h_before, rep.loss_before
+    return rep.holdout_after
+
+
+def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwargs) -> GreedyReport:
+    """Greedy flip search on the binary kernels of ``model`` (modified in place).
+
+    Layer by layer, every candidate (one binary weight or a group of one output unit) is
+    flipped in a preset order and kept iff the mean probe loss drops by more than
+    ``min_delta``. The keywords are the fields of :class:`GreedyOptions` (or pass
+    ``options=``); by default one pass, 2,048 probe examples, at most 60 s in all, a
+    progress bar and a summary line (``verbose=0``: silent).
+
+    Args:
+      model: a built Sequential or functional tf.keras model (residual ``Add``
+        shortcuts included) of larq ``QuantDense``/``QuantConv2D`` and
+        BatchNorm/pooling/Flatten/Activation layers. Binary kernels (larq
+        ``precision == 1``) must hold exactly +-1 (see :func:`kflip.snap_binary_weights`).
+      x, y: the probe data: arrays, or ``x`` a batched ``tf.data.Dataset`` of ``(x, y)``
+        (its first examples) and ``y=None``.
+      options, **kwargs: see :class:`GreedyOptions`.
+
+    Returns:
+      A :class:`GreedyReport`; on any exception (``KeyboardInterrupt`` included) the
+      model is left as after the last accepted flip.
+
+    Example:
+      >>> import kflip
+      >>> ds = kflip.data.digits()
+      >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(8,))
+      >>> _ = kflip.snap_binary_weights(model)
+      >>> report = kflip.greedy_flip(model, ds.x_train, ds.y_train, probe_size=64,
+      ...                            time_budget=2.0, verbose=0)
+      >>> type(report).__name__, report.probe_size, len(report.layers)
+      ('GreedyReport', 64, 2)
+      >>> report.loss_after <= report.loss_before  # only improving flips are kept
+      True
+      >>> kflip.assert_binary(model)
+    """
+    options = GreedyOptions.from_kwargs(options, **kwargs)
+    net, chosen, (xp, yp), held = _prepare(model, x, y, options)
+    holdout = _Holdout(net, held) if held is not None else None
+    progress = Progress(options.verbose)
+    rng = np.random.RandomState(options.seed)
+    t0 = time.perf_counter()
+    reports, evaluators = [], {}  # compiled per-layer kernels, reused across passes
+    h = holdout() if holdout is not None else None
+    for pass_index in range(options.passes):
+        pass_accepted = 0
+        for k, p in enumerate(chosen):
+            if p not in evaluators:
+                evaluators[p] = make_evaluator(net, p, xp, yp, options)
+            deadline = _deadline(options, t0, time.perf_counter(), len(chosen) - k)
+            w_before = tf.convert_to_tensor(net.ops[p].var)
+            rep = search_layer(evaluators[p], pass_index, options, rng, deadline, progress)
+            if holdout is not None:
+                h = _check_layer(rep, net.ops[p], holdout, h, w_before)
+            reports.append(rep)
+            pass_accepted += rep.accepted * (not rep.reverted)
+        if pass_accepted == 0:
+            break
+    report = GreedyReport(
+        method=options.method, probe_size=int(xp.shape[0]), tried=sum(r.tried for r in reports),
+        accepted=sum(r.accepted for r in reports if not r.reverted),
+        flipped=sum(r.flipped for r in reports if not r.reverted),
+        loss_before=reports[0].loss_before, loss_after=reports[-1].loss_after,
+        seconds=time.perf_counter() - t0, layers=reports,
+        holdout_size=0 if held is None else int(held[0].shape[0]),
+    )
+    progress.done(report)
+    return report
