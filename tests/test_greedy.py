@@ -396,3 +396,82 @@ def test_residual_search_equals_naive_flip_for_flip(probe, order):
     assert inc.accepted > 0 and inc.loss_after < inc.loss_before
     np.testing.assert_allclose(inc.loss_after, ref.loss_after, rtol=1e-5)
     assert all(np.array_equal(a, b) for a, b in zip(runs["incremental"][1], runs["naive"][1]))
+
+
+def test_fit_temperature_minimises_the_cross_entropy():
+    from kflip.greedy.calibrate import fit_temperature
+
+    rng = np.random.RandomState(0)
+    z = rng.randn(400, 10)
+    y = rng.randint(0, 10, 400)
+    z[np.arange(400), y] += 1.5
+    ce = lambda t: np.mean(np.log(np.exp(t * z).sum(1)) - t * z[np.arange(400), y])  # noqa: E731
+    t = fit_temperature(z, y)
+    grid = np.linspace(0.05, 5, 2000)
+    assert abs(t - grid[np.argmin([ce(g) for g in grid])]) < 5e-3
+    assert ce(t) <= min(ce(t * 0.99), ce(t * 1.01))
+
+
+def _underconfident_mlp(seed, x, y):
+    """An MLP fitted to (x, y) (by an uncalibrated search) whose logits are then made
+    10x too small (final BatchNorm variance x100): accurate but under-confident."""
+    model = small_mlp(hidden=(10,), seed=seed)
+    greedy.greedy_flip(model, x, y, probe_size=None, calibrate=False, time_budget=None, verbose=0)
+    bn = model.layers[-2]
+    bn.moving_variance.assign(bn.moving_variance * 100.0)
+    return model
+
+
+def test_calibrated_search_fits_the_temperature_and_equals_naive(probe):
+    x, y = probe
+    runs = {}
+    for method in ("incremental", "naive"):
+        model = _underconfident_mlp(5, x, y)
+        rep = greedy.greedy_flip(model, x, y, probe_size=None, method=method, block_size=64,
+                                 time_budget=None, verbose=0)
+        runs[method] = (rep, binary_values(model))
+    inc, nv = runs["incremental"][0], runs["naive"][0]
+    assert all(lr.temperature > 2.0 for lr in inc.layers)  # raised above the model's scale
+    assert [lr.temperature for lr in inc.layers] == [lr.temperature for lr in nv.layers]
+    assert [lr.flips for lr in inc.layers] == [lr.flips for lr in nv.layers] and inc.accepted > 0
+    # without calibration the same model's search keeps flips that only add confidence
+    plain = greedy.greedy_flip(_underconfident_mlp(5, x, y), x, y, probe_size=None, calibrate=False,
+                               block_size=64, time_budget=None, verbose=0)
+    assert all(lr.temperature is None for lr in plain.layers)
+    assert plain.accepted > inc.accepted
+
+
+def test_holdout_check_reverts_a_layer_that_got_worse(digits):
+    x, y = digits.x_train, digits.y_train
+    model = small_mlp(hidden=(10,), seed=6)
+    greedy.greedy_flip(model, x, y, probe_size=None, time_budget=None, verbose=0)  # fit first
+    ref = [v.numpy() for v in kflip.binary_variables(model)]
+    rep = greedy.greedy_flip(model, x, y, probe_size=8, holdout=512, block_size=64,
+                             time_budget=None, verbose=0)
+    assert rep.holdout_size == 512 and rep.probe_size == 8
+    for lr in rep.layers:
+        assert lr.holdout_before is not None
+        if lr.reverted:
+            assert lr.holdout_after == lr.holdout_before and lr.loss_after == lr.loss_before
+        elif lr.accepted:
+            assert lr.holdout_after < lr.holdout_before
+    assert is_pm1(binary_values(model))
+    # an 8-example probe overfits: some layer's flips do not carry over to the holdout
+    assert rep.reverted >= 1
+    # the model holds exactly the kernels the report kept
+    kept = [lr for lr in rep.layers if not lr.reverted]
+    for v, v0 in zip(kflip.binary_variables(model), ref):
+        flips = sorted(i for lr in kept if lr.name == v.name.split("/")[0] for i in lr.flips)
+        changed = np.flatnonzero(v.numpy().reshape(-1) != v0.reshape(-1))
+        assert list(changed) == sorted(set(flips))
+
+
+def test_probe_and_holdout_are_disjoint(digits):
+    from kflip.greedy.probe import probe_sets
+
+    (xp, yp), (xh, yh) = probe_sets(digits.x_train, digits.y_train, 100, holdout=50, seed=3)
+    assert xp.shape[0] == 100 and xh.shape[0] == 50
+    rows = {tuple(r) for r in xp.numpy().reshape(100, -1)}
+    assert not rows & {tuple(r) for r in xh.numpy().reshape(50, -1)}
+    with pytest.raises(ValueError, match="holdout"):
+        probe_sets(digits.x_train[:10], digits.y_train[:10], None, holdout=10)

@@ -12,6 +12,7 @@ _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
 from kflip.greedy import probe as probe_lib  # noqa: E402
+from kflip.greedy.calibrate import Calibrator  # noqa: E402
 from kflip.greedy.evaluators import NaiveEvaluator  # noqa: E402
 from kflip.greedy.incremental import IncrementalEvaluator  # noqa: E402
 from kflip.greedy.network import Network  # noqa: E402
@@ -95,13 +96,20 @@ def _deadline(options, t0, now, left):
     return min(ends) if ends else None
 
 
-def _check_layer(rep, lin, holdout, h_before, w_before):
-    """Revert the layer to ``w_before`` unless its flips lowered the holdout loss."""
-    rep.holdout_before, rep.holdout_after = h_before, holdout()
-    if rep.accepted and not rep.holdout_after < h_before:
-        lin.var.assign(w_before)
-        rep.reverted, rep.holdout_after, rep.loss_after = True, h_before, rep.loss_before
-    return rep.holdout_after
+def _search(net, p, ev, pass_index, options, rng, deadline, progress, calibrate, holdout):
+    """One layer search with the temperature refit before it and the holdout check after
+    it (the layer is reverted unless its flips lowered the holdout loss)."""
+    temperature = calibrate() if calibrate is not None else None
+    w_before = tf.convert_to_tensor(net.ops[p].var)
+    h_before = holdout() if holdout is not None else None
+    rep = search_layer(ev, pass_index, options, rng, deadline, progress)
+    rep.temperature = temperature
+    if holdout is not None:
+        rep.holdout_before, rep.holdout_after = h_before, holdout()
+        if rep.accepted and not rep.holdout_after < h_before:
+            net.ops[p].var.assign(w_before)
+            rep.reverted, rep.holdout_after, rep.loss_after = True, h_before, rep.loss_before
+    return rep
 
 
 def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwargs) -> GreedyReport:
@@ -142,32 +150,33 @@ def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwa
     options = GreedyOptions.from_kwargs(options, **kwargs)
     net, chosen, (xp, yp), held = _prepare(model, x, y, options)
     holdout = _Holdout(net, held) if held is not None else None
+    calibrate = Calibrator(net, xp, yp) if options.calibrate and net.temperature else None
     progress = Progress(options.verbose)
     rng = np.random.RandomState(options.seed)
     t0 = time.perf_counter()
     reports, evaluators = [], {}  # compiled per-layer kernels, reused across passes
-    h = holdout() if holdout is not None else None
     for pass_index in range(options.passes):
         pass_accepted = 0
         for k, p in enumerate(chosen):
             if p not in evaluators:
                 evaluators[p] = make_evaluator(net, p, xp, yp, options)
             deadline = _deadline(options, t0, time.perf_counter(), len(chosen) - k)
-            w_before = tf.convert_to_tensor(net.ops[p].var)
-            rep = search_layer(evaluators[p], pass_index, options, rng, deadline, progress)
-            if holdout is not None:
-                h = _check_layer(rep, net.ops[p], holdout, h, w_before)
+            rep = _search(net, p, evaluators[p], pass_index, options, rng, deadline, progress,
+                          calibrate, holdout)
             reports.append(rep)
             pass_accepted += rep.accepted * (not rep.reverted)
         if pass_accepted == 0:
             break
-    report = GreedyReport(
-        method=options.method, probe_size=int(xp.shape[0]), tried=sum(r.tried for r in reports),
-        accepted=sum(r.accepted for r in reports if not r.reverted),
-        flipped=sum(r.flipped for r in reports if not r.reverted),
-        loss_before=reports[0].loss_before, loss_after=reports[-1].loss_after,
-        seconds=time.perf_counter() - t0, layers=reports,
-        holdout_size=0 if held is None else int(held[0].shape[0]),
-    )
+    report = _report(options, reports, xp, held, time.perf_counter() - t0)
     progress.done(report)
     return report
+
+
+def _report(options, reports, xp, held, seconds) -> GreedyReport:
+    kept = [r for r in reports if not r.reverted]
+    return GreedyReport(
+        method=options.method, probe_size=int(xp.shape[0]), tried=sum(r.tried for r in reports),
+        accepted=sum(r.accepted for r in kept), flipped=sum(r.flipped for r in kept),
+        loss_before=reports[0].loss_before, loss_after=reports[-1].loss_after,
+        seconds=seconds, layers=reports, holdout_size=0 if held is None else int(held[0].shape[0]),
+    )

@@ -47,6 +47,11 @@ class Network:
         self.model = model
         self.ops, self.src, self.softmax = _lower(model)
         self._loss_head(loss, from_logits)
+        self.temperature = None  # the cross-entropy's scale on the logits (see calibrate)
+        if self.loss_fn is None and self.from_logits:
+            self.temperature = ops.Param("temperature", 1.0)
+            self.ops.append(ops.Scale("temperature", self.temperature))
+            self.src.append((len(self.ops) - 2,))
         self.linear = [i for i, op in enumerate(self.ops) if isinstance(op, ops.Linear)]
         self.variables, seen = [], set()
         for op in self.ops:
@@ -120,7 +125,7 @@ class Network:
         Under a ``tf.distribute`` strategy this is the cross-replica value on the
         current device, so the compiled kernels never touch per-replica components.
         """
-        return tuple(tf.convert_to_tensor(v) for v in self.variables)
+        return tuple(ops.read(v) for v in self.variables)
 
     def jit(self, fn):
         """``fn(*tensors)`` XLA-compiled, reading the model variables from ``params``."""

@@ -38,6 +38,8 @@ def read(var):
         if t is None:  # would capture the variable in the compiled function
             raise RuntimeError(f"greedy: variable {var.name!r} has no bound value.")
         return t
+    if isinstance(var, Param):
+        return tf.constant(var.value, tf.float32)
     return tf.convert_to_tensor(var)
 
 
@@ -241,6 +243,30 @@ class Linear(Identity):
         if padding == "SAME" and self.pad_values != 0.0:
             t, padding = self._pad(t, self.pad_values), "VALID"
         return tf.nn.conv2d(t, k, self.strides, padding, dilations=self.dilation)
+
+
+class Param:
+    """A search parameter that is not a model variable (read like one, see :func:`read`)."""
+
+    def __init__(self, name, value):
+        self.name, self.value = name, float(value)
+
+
+class Scale(Identity):
+    """Multiplies by a scalar :class:`Param` (the loss head's temperature on the logits)."""
+
+    def __init__(self, name, param):
+        super().__init__(name)
+        self.param = param
+
+    def variables(self):
+        return [self.param]
+
+    def full(self, t):
+        return t * read(self.param)
+
+    def chan(self, t, idx):
+        return t * read(self.param)
 
 
 class Add(Identity):

@@ -42,6 +42,11 @@ class GreedyOptions:
       probe_size: probe examples (a fixed random subset chosen by ``probe_seed``;
         None: all).
       probe_seed: seed of the probe subset.
+      calibrate: before each layer's search, fit the temperature of the probe
+        cross-entropy (one scalar on the logits, :mod:`kflip.greedy.calibrate`), so that
+        flips are not kept for making the model as a whole more confident (the
+        temperature is only raised, never below 1). Only for
+        the default loss on logits (a model ending in softmax, or from_logits=True).
       holdout: examples (disjoint from the probe, same seed) on which every layer's
         accepted flips are checked after its search: if its loss there did not drop,
         the layer is reverted. None: no check.
@@ -82,6 +87,7 @@ class GreedyOptions:
 
     probe_size: int | None = 2048
     probe_seed: int = 0
+    calibrate: bool = True
     holdout: int | None = None
     layers: Any = None
     layer_order: str = "forward"
@@ -112,8 +118,9 @@ class GreedyOptions:
             check_int(name, getattr(self, name), allow_none=True)
         for name in ("probe_seed", "seed", "verbose"):
             check_int(name, getattr(self, name), lo=0)
-        if not isinstance(self.exhaustive, bool):
-            raise ValueError(f"`exhaustive` must be a bool, got {self.exhaustive!r}.")
+        for name in ("exhaustive", "calibrate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.exhaustive and self.group_size > MAX_EXHAUSTIVE:
             raise ValueError(
                 f"`group_size` must be <= {MAX_EXHAUSTIVE} with exhaustive=True, got {self.group_size}."

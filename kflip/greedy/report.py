@@ -23,6 +23,7 @@ class LayerReport:
     holdout_before: float | None = None  # mean holdout loss before / after the layer's search
     holdout_after: float | None = None
     reverted: bool = False  # the holdout check undid this layer's flips
+    temperature: float | None = None  # of the probe loss during this search (calibrate)
 
 
 @dataclasses.dataclass
