@@ -15,6 +15,7 @@ Prints one JSON line per seed and a summary; ``--json`` writes them to a file.
 Usage:
   python benchmarks/greedy_accuracy.py --setting bar --seeds 0 1 2
   python benchmarks/greedy_accuracy.py --setting small --seeds 0 1 2
+  python benchmarks/greedy_accuracy.py --setting small --hidden 16 --default-pass
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ def run(args, seed, ds):
     idx = np.sort(np.random.RandomState(seed).choice(len(ds.x_train), args.probe_size, replace=False))
     xp, yp = ds.x_train[idx], ds.y_train[idx]
     before = measure(model, ds, xp, yp)
-    rep = kflip.greedy_flip(model, xp, yp, probe_size=None, passes=args.passes,
-                            max_seconds=args.max_seconds, order=args.order,
-                            min_delta=args.min_delta, block_size=args.block_size)
+    if args.default_pass:  # kflip's defaults: 16,384 training examples, 60 s, calibrated
+        rep = kflip.greedy_flip(model, ds.x_train, ds.y_train, probe_seed=seed, verbose=0)
+    else:
+        rep = kflip.greedy_flip(model, xp, yp, probe_size=None, passes=args.passes,
+                                max_seconds=args.max_seconds, order=args.order,
+                                min_delta=args.min_delta, block_size=args.block_size,
+                                calibrate=args.calibrate, time_budget=None, verbose=0)
     kflip.assert_binary(model)
     after = measure(model, ds, xp, yp)
     row = dict(
@@ -99,6 +104,10 @@ def main(argv=None):
     ap.add_argument("--order", default="index")
     ap.add_argument("--min-delta", type=float, default=1e-6)
     ap.add_argument("--block-size", type=int, default=1024)
+    ap.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                    help="greedy_flip(calibrate=False): no temperature fit")
+    ap.add_argument("--default-pass", action="store_true",
+                    help="one greedy_flip pass with kflip's defaults instead of the options above")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     small = args.setting == "small"

@@ -168,7 +168,7 @@ def test_exhaustive_returns_best_assignment(probe):
     model = small_mlp(hidden=(8,), seed=7)
     w0 = binary_values(model)
     rep = greedy.greedy_flip(model, x, y, probe_size=None, layers=[0], group_size=4, exhaustive=True,
-                             max_candidates=3, block_size=8)
+                             max_candidates=3, block_size=8, order="index")
     assert rep.tried == 3 * 15
     w1 = binary_values(model)
     # brute force over the 16 assignments of the first group (fan-in 0..3 of unit 0)
@@ -180,7 +180,8 @@ def test_exhaustive_returns_best_assignment(probe):
     got = w1[0].reshape(-1, 8)
     assert np.array_equal(got[:4, 0], _flip(W, 0, best)[:4, 0])
     ref = greedy.greedy_flip(small_mlp(hidden=(8,), seed=7), x, y, probe_size=None, layers=[0],
-                             group_size=4, exhaustive=True, max_candidates=3, method="naive")
+                             group_size=4, exhaustive=True, max_candidates=3, method="naive",
+                             order="index")
     assert ref.layers[0].flips == rep.layers[0].flips
     assert is_pm1(w1)
 

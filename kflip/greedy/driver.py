@@ -118,8 +118,9 @@ def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwa
     Layer by layer, every candidate (one binary weight or a group of one output unit) is
     flipped in a preset order and kept iff the mean probe loss drops by more than
     ``min_delta``. The keywords are the fields of :class:`GreedyOptions` (or pass
-    ``options=``); by default one pass, 2,048 probe examples, at most 60 s in all, a
-    progress bar and a summary line (``verbose=0``: silent).
+    ``options=``); by default one pass in gradient order, 16,384 probe examples, the
+    probe loss's temperature refit per layer, at most 60 s in all, a progress bar and
+    a summary line (``verbose=0``: silent).
 
     Args:
       model: a built Sequential or functional tf.keras model (residual ``Add``

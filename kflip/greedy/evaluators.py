@@ -22,7 +22,7 @@ from kflip import _keras
 _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
-from kflip.greedy.network import Network  # noqa: E402
+from kflip.greedy.network import GRADIENT_EXAMPLES, Network  # noqa: E402
 from kflip.greedy.ops import Linear, sum64  # noqa: E402
 
 
@@ -98,7 +98,8 @@ class NaiveEvaluator:
         return self.cur
 
     def gradient(self):
-        return self._grad(self.x, self.y, self.Wm, params=self.params)
+        k = GRADIENT_EXAMPLES
+        return self._grad(self.x[:k], self.y[:k], self.Wm, params=self.params)
 
     def evaluate(self, cc, ff, mm):
         delta = [self.loss_of(self._flip(self.Wm, c, f, m)) - self.cur for c, f, m in zip(cc, ff, mm)]

@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 
 from kflip.greedy.ops import (  # noqa: E402
     BatchNorm, Bias, Flatten, GlobalPool, Linear, Pool, new_channels, sum64, to_back, to_front)
-from kflip.greedy.network import Network  # noqa: E402
+from kflip.greedy.network import GRADIENT_EXAMPLES, Network  # noqa: E402
 
 
 class IncrementalEvaluator:
@@ -116,7 +116,7 @@ class IncrementalEvaluator:
         with tf.GradientTape() as tape:
             tape.watch(Wm)
             logits = self.net.run({self.net.src[self.p][0]: X}, self.p, override=(self.p, Wm))
-            loss = tf.reduce_mean(self.net.per_example_loss(logits, self.y))
+            loss = tf.reduce_mean(self.net.per_example_loss(logits, self.y[:GRADIENT_EXAMPLES]))
         return tape.gradient(loss, Wm)
 
     def _eval_impl(self, P, Z, A, Zn, L, Wm, cc, ff, mm, capacity):
@@ -205,7 +205,7 @@ class IncrementalEvaluator:
         self.Wm = Wm
 
     def gradient(self):
-        return self._grad(self.X, self.Wm, params=self.params)
+        return self._grad(self.X[:GRADIENT_EXAMPLES], self.Wm, params=self.params)
 
     def loss_sum(self):
         return float(sum64(self.L))

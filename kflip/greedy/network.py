@@ -9,6 +9,11 @@ import tensorflow as tf  # noqa: E402
 
 from kflip.greedy import lowering, ops  # noqa: E402
 
+# order="gradient" ranks candidates by the gradient on the first this many probe examples
+# (a ranking needs no more; backpropagating a large probe through convolutions would
+# cost more memory and compile time than the search itself)
+GRADIENT_EXAMPLES = 4096
+
 
 def _lower(model):
     """Ops in topological order and their sources; a final softmax is returned apart."""

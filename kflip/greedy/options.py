@@ -54,7 +54,8 @@ class GreedyOptions:
         binary layers); None: all.
       layer_order: ``"forward"`` (front to back) or ``"backward"``.
       order: candidate order within a layer: ``"index"``, ``"random"`` or
-        ``"gradient"`` (first-order loss change ``-2*theta*g``, most negative first).
+        ``"gradient"`` (first-order loss change ``-2*theta*g``, most negative first;
+        ``g`` on the first 4,096 probe examples).
       group_size: weights of one output unit flipped together.
       exhaustive: try all ``2**group_size`` assignments of each group (at most 2**24).
       max_candidates: candidates per layer and pass (None: all).
@@ -85,13 +86,13 @@ class GreedyOptions:
       ValueError: `group_size` must be an int >= 1, got 0.
     """
 
-    probe_size: int | None = 2048
+    probe_size: int | None = 16384
     probe_seed: int = 0
     calibrate: bool = True
     holdout: int | None = None
     layers: Any = None
     layer_order: str = "forward"
-    order: str = "index"
+    order: str = "gradient"
     group_size: int = 1
     exhaustive: bool = False
     max_candidates: int | None = None

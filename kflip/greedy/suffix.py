@@ -19,7 +19,7 @@ _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
 from kflip.greedy.evaluators import flip  # noqa: E402
-from kflip.greedy.network import Network  # noqa: E402
+from kflip.greedy.network import GRADIENT_EXAMPLES, Network  # noqa: E402
 from kflip.greedy.ops import Linear, new_channels, sum64  # noqa: E402
 
 
@@ -84,11 +84,12 @@ class SuffixEvaluator:
         return Wm, Z, self._loss(front, Z, self.y)
 
     def _grad_impl(self, front, Wm):
+        k = GRADIENT_EXAMPLES
         with tf.GradientTape() as tape:
             tape.watch(Wm)
-            values = dict(zip(self.front, front))
+            values = {j: t[:k] for j, t in zip(self.front, front)}
             logits = self.net.run(values, self.p, override=(self.p, Wm))
-            loss = tf.reduce_mean(self.net.per_example_loss(logits, self.y))
+            loss = tf.reduce_mean(self.net.per_example_loss(logits, self.y[:k]))
         return tape.gradient(loss, Wm)
 
     # ---- the Evaluator protocol ---------------------------------------------------
