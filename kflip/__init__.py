@@ -28,6 +28,7 @@ _PUBLIC = {
     "LSTMWeights": ("kflip.cell", "LSTMWeights"),
     "bop_weights": ("kflip.cell", "bop_weights"),
     "FlipLSTM": ("kflip.optimizer", "FlipLSTM"),
+    "Bop2ndOrder": ("kflip.bop2nd", "Bop2ndOrder"),
     "data": ("kflip.data", None),
     "models": ("kflip.models", None),
     "export": ("kflip.export", None),  # callable module: kflip.export(model, path)
