@@ -58,7 +58,7 @@ from kflip.optimizer import FlipLSTM  # noqa: E402
 OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
 FLIP_OPTIMIZERS = ("fliplstm-gradient", "fliplstm")
 GREEDY_SUFFIX = "+greedy"
-MODEL_OPTIONS = {"mlp": ("hidden",), "cnn": ("filters", "dense"), "binarynet": ("width",)}
+MODEL_OPTIONS = {"mlp": ("hidden",), "cnn": ("filters", "dense"), "binarynet": ("width",), "resnet": ()}
 
 # Settings of the no-argument `kflip bench` / `kflip train` on the embedded dataset.
 DIGITS_DEFAULTS = dict(epochs=10, model_options={"hidden": (256, 256)})
@@ -776,7 +776,7 @@ def train(
     Args:
       dataset: a name for :func:`kflip.data.load` (``"digits"``, ``"mnist"``, any
         tfds name, or a local ``.npz`` under ``data_dir``) or a ``Dataset``.
-      model: ``"mlp"``, ``"cnn"`` or ``"binarynet"``; ``model_options`` go to the
+      model: ``"mlp"``, ``"cnn"``, ``"binarynet"`` or ``"resnet"``; ``model_options`` go to the
         builder (``hidden``; ``filters``/``dense``; ``width``).
       optimizer: one of :data:`OPTIMIZERS`.
       epochs: default 6 (10 on digits, whose MLP default is ``hidden=(256, 256)``).

@@ -30,7 +30,7 @@ PLUGINS = {
     "export": ("kflip.export", "export a trained model for inference (kflip.export)"),
 }
 _OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
-_MODELS = ("mlp", "cnn", "binarynet")
+_MODELS = ("mlp", "cnn", "binarynet", "resnet")
 
 
 # ---- argument types ---------------------------------------------------------------
@@ -126,7 +126,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
     m = p.add_argument_group("model")
     m.add_argument("--model", choices=_MODELS, default="mlp",
-                   help="BinaryNet MLP, larq MNIST tutorial CNN, BinaryNet CIFAR-10 VGG (default mlp)")
+                   help="BinaryNet MLP, larq MNIST tutorial CNN, BinaryNet CIFAR-10 VGG, binary ResNet (default mlp)")
     m.add_argument("--hidden", type=_int_list, default=None, metavar="N,N",
                    help="mlp hidden widths (default 512,512; 256,256 on digits)")
     m.add_argument("--filters", type=_int_list, default=None, metavar="N,N,N",
@@ -218,6 +218,7 @@ def _model_options(args) -> dict | None:
         "mlp": {"hidden": args.hidden},
         "cnn": {"filters": args.filters, "dense": args.dense},
         "binarynet": {"width": args.width},
+        "resnet": {},
     }[args.model]
     given = {k: v for k, v in options.items() if v is not None}
     wrong = [

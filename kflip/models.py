@@ -119,11 +119,54 @@ def binarynet(input_shape=(32, 32, 3), num_classes: int = 10, width: float = 1.0
     return tf.keras.Sequential(layers, name="binarynet")
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "binarynet": binarynet}
+def resnet(input_shape=(28, 28, 1), num_classes: int = 10, filters=(32, 64), blocks: int = 1) -> tf.keras.Model:
+    """A small binary residual net in the Bi-Real Net / QuickNet style.
+
+    Stem: binary 3x3 conv (real-valued input) -> BN -> 2x2 max-pool. Then two stages of
+    ``blocks`` residual blocks ``x = x + BN(binary conv 3x3(sign(x)))`` (real-valued
+    shortcuts, no float convolutions), the second stage after a transition (2x2
+    max-pool, binary 3x3 conv to the new width, BN); then global average pooling, a
+    binary Dense head, BN and softmax. Every kernel is binary (``ste_sign``).
+
+    Example:
+      >>> import kflip
+      >>> model = kflip.models.resnet(input_shape=(8, 8, 1))
+      >>> model.output_shape, len(kflip.binary_variables(model))
+      ((None, 10), 5)
+      >>> sum(type(layer).__name__ == "Add" for layer in model.layers)  # one per block
+      2
+
+    References:
+      - [Liu et al., 2018. Bi-Real Net: Enhancing the Performance of 1-bit CNNs with
+        Improved Representational Capability and Advanced Training
+        Algorithm](https://arxiv.org/abs/1808.00278)
+      - [Bannink et al., 2021. Larq Compute Engine: Design, Benchmark, and Deploy
+        State-of-the-Art Binarized Neural Networks](https://arxiv.org/abs/2011.09398)
+    """
+    filters = tuple(filters)
+    _check_positive("filters", filters)
+    _check_positive("blocks", (blocks,))
+    if len(filters) != 2:
+        raise ValueError(f"`filters` must give the widths of the two stages, got {filters!r}.")
+    conv = lambda n, **kw: lq.layers.QuantConv2D(n, (3, 3), padding="same", **kw)  # noqa: E731
+    pool = lambda: tf.keras.layers.MaxPooling2D((2, 2))  # noqa: E731
+    inp = tf.keras.Input(input_shape)
+    x = pool()(_bn()(conv(filters[0], **_BIN)(inp)))
+    for stage, width in enumerate(filters):
+        if stage:
+            x = _bn()(conv(width, **_BIN_IN)(pool()(x)))
+        for _ in range(blocks):
+            x = tf.keras.layers.Add()([x, _bn()(conv(width, **_BIN_IN)(x))])
+    x = tf.keras.layers.GlobalAveragePooling2D()(x)
+    x = _bn()(lq.layers.QuantDense(num_classes, **_BIN_IN)(x))
+    return tf.keras.Model(inp, tf.keras.layers.Activation("softmax")(x), name="resnet")
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "binarynet": binarynet, "resnet": resnet}
 
 
 def build(name: str, input_shape, num_classes: int, **kwargs) -> tf.keras.Model:
-    """The model called ``name`` (``"mlp"``, ``"cnn"`` or ``"binarynet"``); ``kwargs``
+    """The model called ``name`` (``"mlp"``, ``"cnn"``, ``"binarynet"`` or ``"resnet"``); ``kwargs``
     go to its builder.
 
     Example:
