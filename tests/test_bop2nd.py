@@ -9,10 +9,6 @@ flip and the ``m`` and ``v`` slots. Mutated references (off-by-one bias correcti
 epsilon inside the square root, ...) must *not* reproduce them, which shows the
 comparison would catch those mistakes.
 """
-
-import pathlib
-import re
-
 import numpy as np
 import pytest
 import kflip  # noqa: I001  (before TensorFlow: selects Keras 2)
@@ -20,7 +16,6 @@ import larq as lq
 import tensorflow as tf
 from conftest import is_pm1, small_mlp
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOSS = "sparse_categorical_crossentropy"
 N, BATCH, EPOCHS = 768, 64, 2  # 12 steps per epoch, 24 steps
 Schedules = tf.keras.optimizers.schedules
@@ -398,12 +393,3 @@ def test_numpy_scalars_and_schedules_are_accepted():
 
 
 # ---- docs ----------------------------------------------------------------------------
-def test_docs_page_blocks_run(tmp_path, monkeypatch, capsys):
-    text = (ROOT / "docs" / "bop2nd.md").read_text()
-    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    for code in blocks:
-        tf.keras.backend.clear_session()
-        exec(compile(code, "docs/bop2nd.md", "exec"), {"__name__": "__main__"})
-    assert "test accuracy" in capsys.readouterr().out
