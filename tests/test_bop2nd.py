@@ -9,6 +9,7 @@ flip and the ``m`` and ``v`` slots. Mutated references (off-by-one bias correcti
 epsilon inside the square root, ...) must *not* reproduce them, which shows the
 comparison would catch those mistakes.
 """
+
 import numpy as np
 import pytest
 import kflip  # noqa: I001  (before TensorFlow: selects Keras 2)
