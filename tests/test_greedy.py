@@ -476,3 +476,14 @@ def test_probe_and_holdout_are_disjoint(digits):
     assert not rows & {tuple(r) for r in xh.numpy().reshape(50, -1)}
     with pytest.raises(ValueError, match="holdout"):
         probe_sets(digits.x_train[:10], digits.y_train[:10], None, holdout=10)
+
+
+def test_no_retracing_warning(probe, caplog):
+    x, y = probe
+    model = small_cnn(seed=4)
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        greedy.greedy_flip(model, x, y, probe_size=None, passes=2, max_candidates=200,
+                           time_budget=None, verbose=0)  # 3 layers x several block sizes
+        greedy.greedy_flip(residual_net(seed=4), x, y, probe_size=None, max_candidates=40,
+                           time_budget=None, verbose=0)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
