@@ -44,6 +44,7 @@ import tensorflow as tf  # noqa: E402
 
 from kflip import data as data_lib  # noqa: E402
 from kflip import models as models_lib  # noqa: E402
+from kflip import stats  # noqa: E402
 from kflip._version import __version__  # noqa: E402
 from kflip.binary import (  # noqa: E402
     assert_binary,
@@ -1282,12 +1283,14 @@ def bench(
     )
     rows = summarize(runs, step_seconds)
     table = format_table(rows)
+    comparison = stats.compare_runs(runs, reference="bop")
     results = {
         "config": config,
         "machine": machine_info(),
         "runs": runs,
         "summary": rows,
         "table": table,
+        "paired_vs_bop": comparison,
         "step_seconds": step_seconds,
         "notes": notes,
         "bench_seconds": time.perf_counter() - t_bench,
@@ -1305,6 +1308,9 @@ def bench(
             _write_json(results, path)
     say("")
     say(table)
+    if comparison:
+        say("\ntest accuracy, paired by seed (same initial weights and data order):")
+        say(stats.format_comparison(comparison))
     say(
         f"\n(test accuracy: mean +/- sample std over {len(seeds)} seed(s); step time: "
         "median steady-state XLA train step, measured round-robin in this process)"

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare every optimizer on the same model, data and seeds",
         description="Same model, data, epochs and seeds under every optimizer; prints a "
         "table and writes OUTPUT/results.json, OUTPUT/accuracy_vs_step.png and "
-        "OUTPUT/flip_rate.png. With no arguments: digits, MLP 256-256, 10 epochs, 2 seeds.",
+        "OUTPUT/flip_rate.png. With no arguments: digits, MLP 256-256, 10 epochs, 5 seeds.",
     )
     be.add_argument("--optimizers", type=_name_list(_OPTIMIZERS), default=list(_OPTIMIZERS),
                     metavar="A,B", help=f"default {','.join(_OPTIMIZERS)}")
@@ -198,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizers whose trained models also get a greedy flip search row "
                     "(default fliplstm-gradient,fliplstm; '' for none)")
     be.add_argument("--no-greedy", action="store_true", help="no greedy rows")
-    be.add_argument("--seeds", type=_positive_int, default=2, metavar="N",
-                    help="seeds 0..N-1 (default 2)")
+    be.add_argument("--seeds", type=_positive_int, default=5, metavar="N",
+                    help="seeds 0..N-1 (default 5)")
     be.add_argument("--output", default="kflip-bench", metavar="DIR", help="default kflip-bench")
     be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     be.add_argument("--timing-steps", type=_positive_int, default=20,

@@ -122,7 +122,7 @@ def test_bench_rejects_bad_values(kwargs, name, digits):
     (dict(batch_size=0), "batch_size"),
     (dict(seed=-1), "seed"),
     (dict(optimizer="sgd"), "optimizer"),
-    (dict(model="resnet"), "model"),
+    (dict(model="vgg"), "model"),
     (dict(model="mlp", model_options={"width": 2.0}), "model_options"),
     (dict(eval_every=0), "eval_every"),
     (dict(optimizer="bop", bop_gamma=0.0), "bop_gamma"),

@@ -14,8 +14,9 @@ def test_resnet_shape_binary_kernels_and_shortcuts():
         model = kflip.models.resnet(input_shape=shape, filters=(8, 16), blocks=2)
         assert model.output_shape == (None, 10)
         assert sum(isinstance(layer, tf.keras.layers.Add) for layer in model.layers) == 4
-        kernels = [layer.kernel for layer in model.layers if hasattr(layer, "kernel")]
-        assert [id(v) for v in kflip.binary_variables(model)] == [id(v) for v in kernels]
+        binary = [layer.kernel for layer in model.layers if type(layer).__name__ == "QuantConv2D"]
+        assert [id(v) for v in kflip.binary_variables(model)] == [id(v) for v in binary]
+        assert len(binary) == 5  # 2 x 2 blocks and the transition; stem and head are float
     with pytest.raises(ValueError, match="filters"):
         kflip.models.resnet(filters=(8, 16, 32))
     with pytest.raises(ValueError, match="blocks"):
