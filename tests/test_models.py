@@ -31,7 +31,7 @@ def test_resnet_trains_on_digits_with_fliplstm_under_xla(digits):
     model.fit(digits.x_train, digits.y_train, epochs=4, batch_size=64, verbose=0)
     kflip.assert_binary(model)
     _, acc = model.evaluate(digits.x_test, digits.y_test, verbose=0)
-    assert acc > 0.6  # chance is 0.1; measured 0.76 (seeds 0 and 1) after 4 epochs
+    assert acc > 0.85  # chance is 0.1; measured 0.96 and 0.95 (seeds 0, 1) after 4 epochs
 
 
 def test_greedy_on_resnet_equals_naive(digits):
