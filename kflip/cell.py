@@ -437,8 +437,7 @@ def lstm_cell(
       TensorShape([2, 1])
     """
     hidden = int(h.shape[-1])
-    hs = [h[..., k] for k in range(hidden)]
-    cs = [c[..., k] for k in range(hidden)]
+    hs, cs = tf.unstack(h, axis=-1), tf.unstack(c, axis=-1)
 
     def gate(g, k):
         col = g * hidden + k
@@ -550,13 +549,13 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
       <tf.Tensor: shape=(2,), dtype=bool, numpy=array([ True, False])>
     """
     finite = tf.math.is_finite(grad)
-    g = tf.where(finite, grad, tf.zeros_like(grad))
+    g = tf.where(finite, grad, tf.constant(0, grad.dtype))
     mean_sq = fast_sum(tf.square(g)) / float(max(g.shape.num_elements() or 1, 1))
     # A finite spike whose square overflows would pin ``v`` at +inf for good (every
     # later feature 1 would be 0): such a step is skipped like a non-finite gradient.
-    overflow = tf.logical_not(tf.math.is_finite(mean_sq))
-    finite = tf.logical_and(finite, tf.logical_not(overflow))
-    v_new = tf.where(overflow, v, beta * v + (1.0 - beta) * mean_sq)
+    no_overflow = tf.math.is_finite(mean_sq)
+    finite = tf.logical_and(finite, no_overflow)
+    v_new = tf.where(no_overflow, beta * v + (1.0 - beta) * mean_sq, v)
     v_hat = v_new / (1.0 - tf.pow(tf.constant(beta, g.dtype), tf.cast(step, g.dtype)))
     tg = theta * g
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
@@ -571,7 +570,7 @@ def sign_pm1(x):
       array([-1.,  1.,  1.], dtype=float32)
     """
     x = tf.convert_to_tensor(x)
-    return tf.where(x >= 0, tf.ones_like(x), -tf.ones_like(x))
+    return tf.where(x >= 0, tf.constant(1, x.dtype), tf.constant(-1, x.dtype))
 
 
 def state_bytes_per_weight(hidden_size: int, dtype=tf.float32) -> int:

@@ -338,9 +338,10 @@ class FlipLSTM(Optimizer):
         base = _COUNTER_BASE
         words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter.dtype)
         ops = [counter.assign(words), self.get_slot(var, "v").assign(state.v)]
+        hs, cs = tf.unstack(state.h, axis=-1), tf.unstack(state.c, axis=-1)
         for k in range(self.hidden_size):
-            ops.append(self.get_slot(var, f"h{k}").assign(state.h[..., k]))
-            ops.append(self.get_slot(var, f"c{k}").assign(state.c[..., k]))
+            ops.append(self.get_slot(var, f"h{k}").assign(hs[k]))
+            ops.append(self.get_slot(var, f"c{k}").assign(cs[k]))
         return ops
 
     def _rule(self, dtype) -> rule_lib.FlipRule:

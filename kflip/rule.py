@@ -144,9 +144,8 @@ class FlipRule:
         if self.max_flip_rate is not None:
             n = int(theta.shape.num_elements())
             flip = _limit_flips(flip, y, max(1, int(math.floor(self.max_flip_rate * n))))
-        one = tf.ones_like(theta)
-        s = tf.where(flip, -one, one)
-        return self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips)
+        s = tf.where(flip, tf.constant(-1, theta.dtype), tf.constant(1, theta.dtype))
+        return self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips, flipped=flip)
 
     def _latent_one(self, w, grad, h, c, v, flips, step, learning_rate, clip):
         theta = cell_lib.sign_pm1(w)
@@ -170,14 +169,14 @@ class FlipRule:
         return y, h_new, c_new, v_new, finite
 
     @staticmethod
-    def _finish(s, finite, new_state, old_state, v_new, flips) -> _One:
+    def _finish(s, finite, new_state, old_state, v_new, flips, flipped=None) -> _One:
         """The new state in the frame of ``theta * s`` (the old one where grad was not
-        finite) and the flip count."""
-        keep = finite[..., None]
-        h, c = (
-            tf.where(keep, new * s[..., None], old) for new, old in zip(new_state, old_state)
-        )
-        count = cell_lib.fast_sum(tf.cast(s < 0, tf.float32))
+        finite) and the flip count (``flipped``: the mask ``s < 0`` if known)."""
+        keep, s_col = tf.expand_dims(finite, -1), tf.expand_dims(s, -1)
+        h, c = (tf.where(keep, new * s_col, old) for new, old in zip(new_state, old_state))
+        if flipped is None:
+            flipped = s < 0
+        count = cell_lib.fast_sum(tf.cast(flipped, tf.float32))
         return _One(s, h, c, v_new, flips + tf.cast(count, tf.int64))
 
     @staticmethod
