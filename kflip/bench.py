@@ -92,18 +92,27 @@ def make_optimizer(
             raise ValueError(f"`bop_threshold` must be a number >= 0, got {bop_threshold!r}.")
         if not (isinstance(bop_gamma, (int, float)) and 0 < bop_gamma <= 1):
             raise ValueError(f"`bop_gamma` must be in (0, 1], got {bop_gamma!r}.")
-        return lq.optimizers.CaseOptimizer(
-            (
-                lq.optimizers.Bop.is_binary_variable,
-                lq.optimizers.Bop(threshold=bop_threshold, gamma=bop_gamma),
-            ),
-            default_optimizer=tf.keras.optimizers.legacy.Adam(0.01),
-        )
+        return case_optimizer(lq.optimizers.Bop(threshold=bop_threshold, gamma=bop_gamma))
     if name == "fliplstm":
         return FlipLSTM(lstm_weights)
     if name == "fliplstm-gradient":
         return FlipLSTM(lstm_weights, output="gradient")
     raise ValueError(f"`optimizer` must be one of {list(OPTIMIZERS)}, got {name!r}.")
+
+
+def case_optimizer(binary_optimizer):
+    """``binary_optimizer`` for the binary kernels, ``Adam(0.01)`` for every other variable.
+
+    Example:
+      >>> import kflip
+      >>> from kflip import bench
+      >>> type(bench.case_optimizer(kflip.Bop2ndOrder())).__name__
+      'CaseOptimizer'
+    """
+    return lq.optimizers.CaseOptimizer(
+        (lq.optimizers.Bop.is_binary_variable, binary_optimizer),
+        default_optimizer=tf.keras.optimizers.legacy.Adam(0.01),
+    )
 
 
 def build_model(name: str, dataset: data_lib.Dataset, **options) -> tf.keras.Model:
