@@ -1,9 +1,9 @@
 """The ``kflip`` command: ``train``, ``bench``, ``meta-train``, ``export``.
 
 A thin argparse layer. ``train`` and ``bench`` call :func:`kflip.bench.train` and
-:func:`kflip.bench.bench`; ``meta-train`` and ``export`` are provided by
-:mod:`kflip.meta` and :mod:`kflip.export` (``add_arguments(parser)`` + ``run(args)``),
-imported only when their command runs.
+:func:`kflip.bench.bench` (``bench --suite``: :func:`kflip.suite.run_suite`);
+``meta-train`` and ``export`` are provided by :mod:`kflip.meta` and :mod:`kflip.export`
+(``add_arguments(parser)`` + ``run(args)``), imported only when their command runs.
 
 Exit codes: 0 success, 2 bad usage or input (argparse errors, invalid values, missing
 or unreadable dataset and weights files, a subcommand not available in this version).
@@ -31,6 +31,19 @@ PLUGINS = {
 }
 _OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
 _MODELS = ("mlp", "cnn", "binarynet", "resnet")
+# kflip.suite.OPTIMIZERS, MODELS and LENGTHS (here so that --help needs no TensorFlow)
+_SUITE_OPTIMIZERS = ("fliplstm", "bop-default", "bop-example", "bop-tuned", "bop2nd-paper",
+                     "bop2nd-tuned", "adam-ste")
+_SUITE_MODELS = ("digits-mlp", "mlp784-256-10", "mlp2x512", "cnn", "resnet")
+_SUITE_LENGTHS = (250, 1500, 6000)
+_SUITE_ONLY = ("--cells", "--steps-scale", "--evals", "--bop-thresholds", "--bop-gammas",
+               "--bop2nd-thresholds", "--bop2nd-gammas")
+# flags of `kflip bench` that --suite does not use (it fixes data, models and lengths)
+_NOT_FOR_SUITE = ("--dataset", "--train-examples", "--test-examples", "--model", "--hidden",
+                  "--filters", "--dense", "--width", "--epochs", "--eval-every",
+                  "--bop-threshold", "--bop-gamma", "--greedy-examples", "--greedy-seconds",
+                  "--greedy-option", "--greedy-after", "--no-greedy", "--timing-steps",
+                  "--timing-rounds")
 
 
 # ---- argument types ---------------------------------------------------------------
@@ -76,6 +89,14 @@ def _int_list(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> tuple:
+    parse = _nonneg_float
+    values = tuple(parse(t) for t in text.split(",") if t.strip())
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
     return values
 
 
@@ -191,26 +212,64 @@ def build_parser() -> argparse.ArgumentParser:
         "table and writes OUTPUT/results.json, OUTPUT/accuracy_vs_step.png and "
         "OUTPUT/flip_rate.png. With no arguments: digits, MLP 256-256, 10 epochs, 5 seeds.",
     )
-    be.add_argument("--optimizers", type=_name_list(_OPTIMIZERS), default=list(_OPTIMIZERS),
-                    metavar="A,B", help=f"default {','.join(_OPTIMIZERS)}")
+    be.add_argument("--optimizers", type=_name_list(_OPTIMIZERS + _SUITE_OPTIMIZERS[1:]),
+                    default=None, metavar="A,B",
+                    help=f"default {','.join(_OPTIMIZERS)}; with --suite: "
+                    f"{','.join(_SUITE_OPTIMIZERS)}")
     be.add_argument("--greedy-after", type=_name_list(_OPTIMIZERS),
                     default=["fliplstm-gradient", "fliplstm"], metavar="A,B",
                     help="optimizers whose trained models also get a greedy flip search row "
                     "(default fliplstm-gradient,fliplstm; '' for none)")
     be.add_argument("--no-greedy", action="store_true", help="no greedy rows")
-    be.add_argument("--seeds", type=_positive_int, default=5, metavar="N",
-                    help="seeds 0..N-1 (default 5)")
-    be.add_argument("--output", default="kflip-bench", metavar="DIR", help="default kflip-bench")
+    be.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+                    help="seeds 0..N-1 (default 5; with --suite 3, 5 on digits-mlp)")
+    be.add_argument("--output", default=None, metavar="DIR",
+                    help="default kflip-bench (with --suite: kflip-suite)")
     be.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     be.add_argument("--timing-steps", type=_positive_int, default=20,
                     help="steps per optimizer per timing round (default 20)")
     be.add_argument("--timing-rounds", type=_positive_int, default=10,
                     help="round-robin timing rounds (default 10)")
     _add_common(be)
+    _add_suite(be)
 
     for name, (_, help_text) in PLUGINS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _add_suite(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group(
+        "task suite (--suite)",
+        "FlipLSTM against Bop (larq defaults, larq example, tuned), Bop2ndOrder (paper, "
+        "tuned) and Adam+STE in cells of model x training steps; writes "
+        "DIR/results.json, DIR/suite.md, DIR/heatmap.png; a rerun skips the runs "
+        "DIR/results.json holds. Uses --seeds, --optimizers, --output, --no-plots, "
+        "--batch-size, --lstm-weights, --data-dir (MNIST) and --download; not the "
+        "dataset, model, epochs, Bop, greedy or timing options.",
+    )
+    s.add_argument("--suite", action="store_true", help="run the task suite (kflip.suite)")
+    s.add_argument("--cells", type=_name_list(_suite_cell_names()), default=(),
+                   metavar="A,B",
+                   help="only these: models (" + ",".join(_SUITE_MODELS) + "), lengths ("
+                   + ",".join(map(str, _SUITE_LENGTHS)) + ") or MODEL@LENGTH (default: all)")
+    s.add_argument("--steps-scale", type=_positive_float, default=1.0, metavar="F",
+                   help="multiply every length by F, for quick runs (default 1)")
+    s.add_argument("--evals", type=_positive_int, default=10, metavar="N",
+                   help="test evaluations per run besides step 0 (default 10)")
+    s.add_argument("--bop-thresholds", type=_float_list, default=(1e-8, 1e-7, 1e-6),
+                   metavar="T,T", help="bop-tuned grid (default 1e-8,1e-7,1e-6)")
+    s.add_argument("--bop-gammas", type=_float_list, default=(1e-4, 1e-3, 1e-2),
+                   metavar="G,G", help="bop-tuned grid (default 1e-4,1e-3,1e-2)")
+    s.add_argument("--bop2nd-thresholds", type=_float_list, default=(1e-7, 1e-6, 1e-5),
+                   metavar="T,T", help="bop2nd-tuned grid (default 1e-7,1e-6,1e-5)")
+    s.add_argument("--bop2nd-gammas", type=_float_list, default=(1e-7, 1e-6, 1e-5),
+                   metavar="G,G", help="bop2nd-tuned grid, sigma 1e-2 (default 1e-7,1e-6,1e-5)")
+
+
+def _suite_cell_names() -> tuple:
+    lengths = tuple(map(str, _SUITE_LENGTHS))
+    return _SUITE_MODELS + lengths + tuple(f"{m}@{n}" for m in _SUITE_MODELS for n in lengths)
 
 
 def _model_options(args) -> dict | None:
@@ -290,16 +349,48 @@ def _cmd_train(args, argv) -> int:
     return 0
 
 
+def _cmd_suite(args, argv) -> int:
+    from kflip import suite
+
+    given = sorted({a.split("=")[0] for a in argv} & set(_NOT_FOR_SUITE))
+    if given:
+        raise ValueError(f"{', '.join(given)} do(es) not apply to --suite.")
+    options = suite.SuiteOptions(
+        cells=tuple(args.cells),
+        seeds=args.seeds,
+        steps_scale=args.steps_scale,
+        optimizers=tuple(args.optimizers or suite.OPTIMIZERS),
+        batch_size=args.batch_size,
+        evals=args.evals,
+        bop_thresholds=args.bop_thresholds,
+        bop_gammas=args.bop_gammas,
+        bop2nd_thresholds=args.bop2nd_thresholds,
+        bop2nd_gammas=args.bop2nd_gammas,
+        lstm_weights=args.lstm_weights,
+        data_dir=args.data_dir,
+        download=args.download,
+        output_dir=args.output or "kflip-suite",
+        plots=not args.no_plots,
+    )
+    suite.run_suite(options, print_fn=lambda line: print(line, flush=True))
+    return 0
+
+
 def _cmd_bench(args, argv) -> int:
     from kflip import bench as bench_lib
 
+    if args.suite:
+        return _cmd_suite(args, argv)
+    suite_only = sorted({a.split("=")[0] for a in argv} & set(_SUITE_ONLY))
+    if suite_only:
+        raise ValueError(f"{', '.join(suite_only)} only appl(ies) with --suite.")
     greedy_after = [] if args.no_greedy else args.greedy_after
     bench_lib.bench(
         args.dataset,
-        optimizers=args.optimizers,
+        optimizers=args.optimizers or list(_OPTIMIZERS),
         greedy_after=greedy_after,
-        seeds=args.seeds,
-        output_dir=args.output,
+        seeds=args.seeds or 5,
+        output_dir=args.output or "kflip-bench",
         plots=not args.no_plots,
         timing_steps=args.timing_steps,
         timing_rounds=args.timing_rounds,
