@@ -527,6 +527,17 @@ def fast_sum(x):
     return tf.reduce_sum(tf.matmul(rows, tf.ones([cols, 1], x.dtype)))
 
 
+def count_true(mask):
+    """Number of True entries of ``mask`` (a float32 scalar, exact below 2**24).
+
+    The 0/1 mask dotted with itself: XLA:CPU runs a vector dot in its dot runtime,
+    where a ``reduce_sum`` (or :func:`fast_sum`, which XLA now rewrites into one)
+    compiles three more kernels per tensor and slows the first step.
+    """
+    x = tf.reshape(tf.cast(mask, tf.float32), [1, -1])
+    return tf.reshape(tf.matmul(x, x, transpose_b=True), [])
+
+
 def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     """Features of :data:`FEATURES` and the updated per-tensor second moment.
 

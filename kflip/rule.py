@@ -176,7 +176,7 @@ class FlipRule:
         h, c = (tf.where(keep, new * s_col, old) for new, old in zip(new_state, old_state))
         if flipped is None:
             flipped = s < 0
-        count = cell_lib.fast_sum(tf.cast(flipped, tf.float32))
+        count = cell_lib.count_true(flipped)
         return _One(s, h, c, v_new, flips + tf.cast(count, tf.int64))
 
     @staticmethod
