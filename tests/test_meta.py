@@ -12,7 +12,7 @@ import kflip
 from kflip import cell as cell_lib
 from kflip import meta
 from kflip.adam import Adam
-from kflip.meta import tasks, unroll
+from kflip.meta import nets, tasks, unroll
 from kflip.rule import FlipRule
 
 TINY = dict(
@@ -265,6 +265,9 @@ def test_mask_freezes_gate_inputs_but_not_the_candidate():
         (dict(init_gamma=1.5), "init_gamma"),
         (dict(horizon=0), "horizon"),
         (dict(train_examples=8), "train_examples"),
+        (dict(min_horizon=5000), "min_horizon"),
+        (dict(min_horizon=-1), "min_horizon"),
+        (dict(baseline="adam"), "baseline"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -288,6 +291,82 @@ def test_tasks_never_overlap_validation():
     val = {k[2] for k in meta.validation_tasks(cfg)}
     train = {k[2] for it in range(20) for k in meta.iteration_draws(cfg, it, 5)[1]}
     assert val and train and not (val & train)
+
+
+# ---- the task distribution: lengths, architectures, Bop-relative loss ------------------
+def test_task_lengths_are_log_uniform_and_fixed_per_task():
+    cfg = meta.MetaConfig(min_horizon=100, horizon=10000)
+    keys = [("mlp-32", "digits", s) for s in range(400)]
+    h = np.array([meta.config.task_horizon(cfg, k) for k in keys])
+    assert h.min() >= 100 and h.max() <= 10000
+    assert h.tolist() == [meta.config.task_horizon(cfg, k) for k in keys]
+    # log-uniform: a quarter of the tasks in each quarter of the log range
+    quarters = np.histogram(np.log10(h), bins=[2, 2.5, 3, 3.5, 4])[0] / len(h)
+    assert np.all(np.abs(quarters - 0.25) < 0.08), quarters
+    assert meta.config.task_horizon(meta.MetaConfig(), keys[0]) == 4000  # fixed by default
+
+
+def test_bucketed_unroll_trains_the_same_flips():
+    w = cell_lib.load_weights()
+    task = tasks.make_task("mlp-32", "digits", 5, horizon=37)
+    assert tasks.horizon_bucket(37) == 64
+    fn = unroll.get_unroll("mlp-32", w.hidden_size, w.beta, w.eps)
+    fn_bucketed = unroll.get_unroll("mlp-32", w.hidden_size, w.beta, w.eps, bucketed=True)
+    vec = tf.constant(unroll.flatten(w), tf.float32)
+    exact, padded = fn(vec, *task.unroll_args()), fn_bucketed(vec, *task.unroll_args(bucketed=True))
+    for a, b in zip(exact.kernels, padded.kernels):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_allclose(float(padded.meta_loss), float(exact.meta_loss), rtol=1e-6)
+    assert float(padded.flip_fraction) == float(exact.flip_fraction)
+
+
+@pytest.mark.parametrize("family", ["res-8", "cnn28-16-32-32", "res28-16-32", "mlp784-128"])
+def test_new_families_build_and_keep_kernels_binary(family):
+    fam = tasks.FAMILIES[family]
+    task = tasks.make_task(family, "digits", 0, horizon=2, n_train=64)
+    assert task.x_train.shape[1] == fam.inputs
+    offsets = [tf.zeros(s) for s in tasks.offset_shapes(fam)]
+    kernels = [tf.constant(k) for k in task.kernels]
+    with tf.GradientTape() as tape:
+        tape.watch(kernels)
+        loss = tasks.xent(tasks.forward(fam, kernels, offsets, task.x_train[:8]), task.y_train[:8])
+    grads = tape.gradient(loss, kernels)
+    assert np.isfinite(float(loss))
+    assert all(g is not None and g.shape == k.shape for g, k in zip(grads, kernels))
+    assert all(float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)  # every kernel is trained
+
+
+def test_res_family_is_a_residual_net():
+    fam = tasks.FAMILIES["res-8"]
+    # stem, one residual block, the dense head; the block's output adds its input
+    assert fam.kernel_shapes() == [(3, 3, 1, 16), (3, 3, 16, 16), (16, 10)]
+    x = tf.random.stateless_uniform([16, 64], [1, 2], -1, 1)
+    offsets = [tf.zeros(s) for s in tasks.offset_shapes(fam)]
+    k = [tf.sign(tf.random.stateless_normal(s, [3, i])) for i, s in enumerate(fam.kernel_shapes())]
+    # a block kernel of 0 leaves only the shortcut: same logits as a net without the block
+    zero_block = [k[0], tf.zeros_like(k[1]), k[2]]
+    stem = nets._batch_norm(nets._conv3x3(tf.reshape(x, [-1, 8, 8, 1]), k[0], "SAME"),
+                                  offsets[0], [0, 1, 2])
+    head = nets._mlp([k[2]], [offsets[2]], tasks.ste_sign(tf.reduce_mean(stem, [1, 2])))
+    got = tasks.forward(fam, zero_block, offsets, x)
+    np.testing.assert_allclose(got.numpy(), head.numpy(), atol=1e-5)
+
+
+def test_bop_relative_meta_loss_is_zero_for_bop_itself():
+    from kflip.meta import loop
+
+    cfg = meta.MetaConfig(**dict(TINY, baseline="bop", min_horizon=5))
+    base = meta.config.baseline_weights(cfg)
+    loop._init_worker(cfg.hidden_size, base.beta, base.eps)
+    vec = unroll.flatten(base).astype(np.float32)
+    key = ("mlp-32", "digits", 4)
+    h = meta.config.task_horizon(cfg, key)
+    assert 5 <= h <= 20
+    job = loop.Job(vec, key, h, cfg.train_examples, True, vec)
+    r = loop._evaluate(job)
+    assert r["meta_loss"] == 0.0 and np.isfinite(r["raw_meta_loss"])
+    other = loop._evaluate(job._replace(vec=unroll.flatten(cell_lib.load_weights()).astype(np.float32)))
+    assert other["meta_loss"] == other["raw_meta_loss"] - r["raw_meta_loss"]
 
 
 # ---- meta-training: determinism, resume, output ---------------------------------------

@@ -29,6 +29,7 @@ from kflip.meta import tasks
 from kflip.meta import unroll
 
 INITS = ("bop-normalized", "bop")
+BASELINES = ("none", "bop")
 
 
 def _opt(default, help: str, flag: str | None = None):
@@ -49,7 +50,18 @@ class MetaConfig:
         "perturbs and Adam updates z, so 0.1 moves Bop's threshold by ~10%",
     )
     learning_rate: float = _opt(0.05, "Adam step size on z", flag="lr")
-    horizon: int = _opt(4000, "inner training steps per task (batch 64)")
+    horizon: int = _opt(4000, "inner training steps per task (batch 64); with min_horizon, the longest")
+    min_horizon: int = _opt(
+        0,
+        "0: every task trains for `horizon` steps; else each task's length is drawn "
+        "log-uniformly from [min_horizon, horizon] (fixed per task)",
+    )
+    baseline: str = _opt(
+        "none",
+        "'none', or 'bop': a task's meta-loss minus Bop's (init_threshold, init_gamma) on "
+        "the same task, data and initial kernels, so short and long, easy and hard "
+        "tasks weigh alike",
+    )
     train_examples: int = _opt(24576, "training-set size of every task (held-out: 512)")
     hidden_size: int = _opt(1, "LSTM hidden size (state per binary weight: 8 * hidden_size B)")
     families: tuple[str, ...] = _opt(
@@ -81,7 +93,7 @@ class MetaConfig:
         for f in dataclasses.fields(self):
             kind = _hints()[f.name]
             value = getattr(self, f.name)
-            if kind is int and f.name != "seed":
+            if kind is int and f.name not in ("seed", "min_horizon"):
                 checks.positive_int(f.name, value)
             elif kind is float and f.name in ("sigma", "learning_rate", "zero_scale"):
                 checks.number(f.name, value, low=0.0, low_open=True)
@@ -91,6 +103,14 @@ class MetaConfig:
         self._check_init()
 
     def _check_choices(self):
+        if not isinstance(self.min_horizon, (int, np.integer)) or not (
+                0 <= self.min_horizon <= self.horizon):
+            raise ValueError(
+                f"`min_horizon` must be an int in [0, horizon={self.horizon}], got "
+                f"{self.min_horizon!r}."
+            )
+        if self.baseline not in BASELINES:
+            raise ValueError(f"`baseline` must be one of {BASELINES}, got {self.baseline!r}.")
         if self.train_examples < tasks.BATCH_SIZE:
             raise ValueError(
                 f"`train_examples` must be >= {tasks.BATCH_SIZE}, got {self.train_examples}."
@@ -217,6 +237,28 @@ def sample_tasks(config: MetaConfig, rng: np.random.Generator, n: int, parity: i
     ds = rng.integers(0, len(config.datasets), size=n)
     seeds = rng.integers(0, 2**30, size=n) * 2 + parity
     return [(config.families[f], config.datasets[d], int(s)) for f, d, s in zip(fam, ds, seeds)]
+
+
+def task_horizon(config: MetaConfig, key) -> int:
+    """The number of training steps of task ``key``: ``config.horizon``, or with
+    ``min_horizon`` a log-uniform draw fixed by the task's seed.
+
+    >>> c = MetaConfig(min_horizon=100, horizon=10000)
+    >>> [task_horizon(c, ("mlp-32", "digits", s)) for s in (0, 1, 2)]
+    [147, 335, 9189]
+    """
+    if not config.min_horizon:
+        return config.horizon
+    u = np.random.default_rng([int(key[2]), 104729]).random()
+    lo, hi = np.log(config.min_horizon), np.log(config.horizon)
+    return int(min(config.horizon, round(float(np.exp(lo + u * (hi - lo))))))
+
+
+def baseline_weights(config: MetaConfig) -> cell_lib.LSTMWeights | None:
+    """The rule every task's meta-loss is measured against (None: no baseline)."""
+    if config.baseline == "none":
+        return None
+    return cell_lib.bop_weights(config.init_threshold, config.init_gamma).padded(config.hidden_size)
 
 
 def validation_tasks(config: MetaConfig) -> list:

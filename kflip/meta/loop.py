@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -113,17 +114,34 @@ def _init_worker(hidden_size, beta, eps, threads=1):
     _WORKER["tasks"] = {}
 
 
-def _evaluate(job):
+class Job(NamedTuple):
+    """One inner run: LSTM weights ``vec`` on task ``key``, trained ``horizon`` steps."""
+
+    vec: np.ndarray
+    key: tuple
+    horizon: int
+    n_train: int
+    bucketed: bool = False  # pad the batch table (tasks of many lengths)
+    baseline: np.ndarray | None = None  # subtract this rule's meta-loss on the task
+
+
+def _evaluate(job: Job) -> dict:
     from kflip.meta import tasks
 
-    vec, key, horizon, n_train = job
-    cache = _WORKER["tasks"]
-    task = cache.get((key, horizon, n_train))
-    if task is None:
+    cache, evaluate = _WORKER["tasks"], _WORKER["evaluator"]
+    tkey = (tuple(job.key), job.horizon, job.n_train)
+    if tkey not in cache:
         if len(cache) > 64:
             cache.clear()
-        task = cache[(key, horizon, n_train)] = tasks.make_task(*key, horizon, n_train)
-    return _WORKER["evaluator"](vec, task)
+        cache[tkey] = (tasks.make_task(*job.key, job.horizon, job.n_train), None)
+    task, base = cache[tkey]
+    result = evaluate(job.vec, task, job.bucketed)
+    if job.baseline is None:
+        return result
+    if base is None:  # the baseline rule is fixed: once per task
+        base = evaluate(job.baseline, task, job.bucketed)["meta_loss"]
+        cache[tkey] = (task, base)
+    return dict(result, raw_meta_loss=result["meta_loss"], meta_loss=result["meta_loss"] - base)
 
 
 class _Runner:
@@ -166,6 +184,8 @@ class _Trainer:
         self.estimator = estimator or AntitheticES(config, self.mask)
         self.adam = Adam(config.learning_rate, eps=1e-8)
         self.runner = runner
+        base = config_lib.baseline_weights(config)
+        self.baseline = None if base is None else unroll.flatten(base).astype(np.float32)
 
     def to_x(self, z: np.ndarray) -> np.ndarray:
         """LSTM weight vector of the outer coordinates ``z``."""
@@ -173,9 +193,11 @@ class _Trainer:
 
     def _map(self, xs, keys):
         c = self.config
-        return self.runner.map(
-            [(x.astype(np.float32), k, c.horizon, c.train_examples) for x, k in zip(xs, keys)]
-        )
+        return self.runner.map([
+            Job(x.astype(np.float32), k, config_lib.task_horizon(c, k), c.train_examples,
+                bool(c.min_horizon), self.baseline)
+            for x, k in zip(xs, keys)
+        ])
 
     def validate(self, state: MetaState, iteration: int) -> dict:
         x = self.to_x(state.z)
@@ -348,6 +370,12 @@ def _output(trainer: _Trainer, state: MetaState, workers: int) -> cell_lib.LSTMW
             "784-input families); teacher = Gaussian inputs labelled by a random binary "
             "d-32-10 network. MNIST never used.",
             "validation_tasks": [list(k) for k in trainer.val_keys],
+            "steps_per_task": (
+                f"log-uniform in [{config.min_horizon}, {config.horizon}]"
+                if config.min_horizon else f"{config.horizon}"
+            ),
+            "meta_loss": "relative to Bop's on the same task" if trainer.baseline is not None
+            else "absolute",
         },
         "iterations_done": state.iteration,
         "stopped_early": bool(state.iteration < config.iterations),

@@ -14,12 +14,9 @@ held-out examples, so every family compiles once whatever the variant):
 * ``teacher``: Gaussian inputs labelled by a random binary teacher network
   (64 -> 32 sign units -> 10, argmax).
 
-Families are binarized networks written functionally (weights are tensors, not Keras
-layers), mirroring :mod:`kflip.models`: binary kernels (exactly +-1), BatchNorm with
-batch statistics and a trainable offset (Adam, lr 1e-2, as FlipLSTM's float
-optimizer), ``ste_sign`` activations with larq's straight-through estimator
-(gradient ``* (|x| <= 1)``), real-valued inputs into the first layer, BatchNorm
-logits into softmax cross-entropy.
+Families are binarized networks written functionally (:mod:`kflip.meta.nets`: MLPs,
+conv nets, residual nets), their BatchNorm offsets trained by Adam (lr 1e-2, as
+FlipLSTM's float optimizer).
 
 >>> from kflip.meta import tasks
 >>> task = tasks.make_task("mlp-32", "digits", seed=0, horizon=10)
@@ -29,9 +26,8 @@ logits into softmax cross-entropy.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -40,52 +36,15 @@ from kflip import _keras
 _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
-from kflip import cell as cell_lib  # noqa: E402
+from kflip.meta.nets import (  # noqa: E402,F401  (the networks, re-exported)
+    FAMILIES, IMAGE28, N_CLASSES, N_FEATURES, Family, forward, offset_shapes, ste_sign, xent)
 
 N_TRAIN = 1024
 N_HELD_OUT = 512
-N_FEATURES = 64
-IMAGE28 = 28
-N_CLASSES = 10
 BATCH_SIZE = 64
-BN_EPS = 1e-3  # tf.keras BatchNormalization default
 OFFSET_LR = 1e-2  # FlipLSTM's default float optimizer: Adam(0.01)
 
 DATASETS = ("digits", "digits-proj", "digits-perm", "teacher")
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A binarized architecture: ``kind`` "mlp" (``hidden`` widths) or "cnn"."""
-
-    name: str
-    kind: str
-    hidden: tuple = ()
-    filters: tuple = ()
-    inputs: int = N_FEATURES  # 64 (8x8 images) or 784 (28x28, MNIST-sized MLPs)
-
-    def kernel_shapes(self) -> list:
-        if self.kind == "mlp":
-            dims = (self.inputs,) + tuple(self.hidden) + (N_CLASSES,)
-            return [(a, b) for a, b in zip(dims[:-1], dims[1:])]
-        f1, f2 = self.filters
-        # conv 3x3 "same" on 8x8 -> conv 3x3 "valid" -> 6x6 -> dense
-        return [(3, 3, 1, f1), (3, 3, f1, f2), (6 * 6 * f2, N_CLASSES)]
-
-
-FAMILIES = {
-    f.name: f
-    for f in (
-        Family("mlp-32", "mlp", hidden=(32,)),
-        Family("mlp-128", "mlp", hidden=(128,)),
-        Family("mlp-64-64", "mlp", hidden=(64, 64)),
-        Family("cnn-8-8", "cnn", filters=(8, 8)),
-        # MNIST-sized: 28x28 inputs (digits upscaled, or 784-d teacher data), the
-        # widths of kflip.models.mlp, so raw gradient scales match that model's
-        Family("mlp784-256-256", "mlp", hidden=(256, 256), inputs=IMAGE28**2),
-        Family("mlp784-512-512", "mlp", hidden=(512, 512), inputs=IMAGE28**2),
-    )
-}
 
 
 class Task(NamedTuple):
@@ -101,9 +60,17 @@ class Task(NamedTuple):
     kernels: tuple  # initial binary kernels, exactly +-1
     batches: np.ndarray  # [horizon, BATCH_SIZE] int32 indices into the training set
 
-    def unroll_args(self) -> tuple:
-        """The data arguments of the compiled unroll, after the LSTM weight vector."""
-        return (
+    @property
+    def horizon(self) -> int:
+        return int(self.batches.shape[0])
+
+    def unroll_args(self, bucketed: bool = False) -> tuple:
+        """The data arguments of the compiled unroll, after the LSTM weight vector.
+
+        ``bucketed``: ``batches`` padded to :func:`horizon_bucket` rows and the step
+        count as a tensor, so tasks of many lengths share a few compiled programs.
+        """
+        args = (
             self.x_train,
             self.y_train,
             self.x_held_out,
@@ -111,6 +78,20 @@ class Task(NamedTuple):
             self.batches,
             tuple(tf.constant(k) for k in self.kernels),
         )
+        if not bucketed:
+            return args
+        pad = horizon_bucket(self.horizon) - self.horizon
+        batches = np.pad(self.batches, ((0, pad), (0, 0)))
+        return args[:4] + (batches, args[5], tf.constant(self.horizon, tf.int32))
+
+
+def horizon_bucket(horizon: int) -> int:
+    """The padded length of a task's batch table: the next power of two (at least 16).
+
+    >>> horizon_bucket(100), horizon_bucket(4000), horizon_bucket(4096)
+    (128, 4096, 4096)
+    """
+    return max(16, 1 << (int(horizon) - 1).bit_length())
 
 
 _DIGITS = None
@@ -231,50 +212,3 @@ def make_task(family: str, dataset: str, seed: int, horizon: int, n_train: int =
     f32, i32 = (lambda a: a.astype(np.float32)), (lambda a: a.astype(np.int32))  # noqa: E731
     return Task(family, dataset, int(seed), f32(x[:n_train]), i32(y[:n_train]),
                 f32(x[n_train:]), i32(y[n_train:]), kernels, batches)
-
-
-# ---- the functional binarized networks --------------------------------------------
-def ste_sign(x):
-    """larq's ``ste_sign``: forward sign (0 -> +1), gradient ``* (|x| <= 1)``."""
-    clipped = tf.clip_by_value(x, -1.0, 1.0)
-    return clipped + tf.stop_gradient(cell_lib.sign_pm1(x) - clipped)
-
-
-def _batch_norm(z, offset, axes):
-    mean, var = tf.nn.moments(z, axes=axes)
-    return (z - mean) * tf.math.rsqrt(var + BN_EPS) + offset
-
-
-def forward(family: Family, kernels: Sequence[tf.Tensor], offsets, x):
-    """Logits (BatchNorm output, batch statistics) of ``family`` on ``x`` [B, family.inputs]."""
-    if family.kind == "mlp":
-        a = x
-        for i, (w, b) in enumerate(zip(kernels, offsets)):
-            z = _batch_norm(tf.matmul(a, w), b, axes=[0])
-            a = ste_sign(z) if i < len(kernels) - 1 else z
-        return a
-    a = tf.reshape(x, [-1, 8, 8, 1])
-    a = ste_sign(_batch_norm(_conv3x3(a, kernels[0], "SAME"), offsets[0], axes=[0, 1, 2]))
-    a = ste_sign(_batch_norm(_conv3x3(a, kernels[1], "VALID"), offsets[1], axes=[0, 1, 2]))
-    a = tf.reshape(a, [tf.shape(a)[0], -1])
-    return _batch_norm(tf.matmul(a, kernels[2]), offsets[2], axes=[0])
-
-
-def _conv3x3(a, kernel, padding):
-    """3x3 stride-1 convolution as patches @ kernel (XLA on CPU runs this much faster
-    than ``tf.nn.conv2d`` and its gradients at these tiny sizes; same result)."""
-    patches = tf.image.extract_patches(
-        a, sizes=[1, 3, 3, 1], strides=[1, 1, 1, 1], rates=[1, 1, 1, 1], padding=padding
-    )
-    k = tf.reshape(kernel, [-1, kernel.shape[-1]])
-    return tf.einsum("bhwp,pf->bhwf", patches, k)
-
-
-def offset_shapes(family: Family) -> list:
-    return [(s[-1],) for s in family.kernel_shapes()]
-
-
-def xent(logits, labels):
-    return tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    )

@@ -31,7 +31,8 @@ import tensorflow as tf  # noqa: E402
 from kflip import cell as cell_lib  # noqa: E402
 from kflip.adam import Adam, AdamState  # noqa: E402
 from kflip.meta import tasks  # noqa: E402
-from kflip.meta.tasks import FAMILIES, Task, check_choice, forward, offset_shapes, xent  # noqa: E402
+from kflip.meta.nets import FAMILIES, forward, offset_shapes, xent  # noqa: E402
+from kflip.meta.tasks import Task, check_choice  # noqa: E402
 from kflip.rule import FlipRule, FlipState  # noqa: E402
 
 OFFSET_ADAM = Adam(learning_rate=tasks.OFFSET_LR)
@@ -157,20 +158,21 @@ def _result(family, s: UnrollState, horizon, n_weights, x_held_out, y_held_out):
     )
 
 
-def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float):
-    """A ``tf.function(jit_compile=True)`` training ``family`` for ``len(batches)`` steps.
+def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float, bucketed: bool = False):
+    """A ``tf.function(jit_compile=True)`` training ``family`` on a task.
 
     Signature: ``unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches,
-    kernels) -> InnerResult``.
+    kernels) -> InnerResult``, ``len(batches)`` steps (a static shape: what the shipped
+    weights were meta-trained with, bit for bit). ``bucketed``: one more argument,
+    ``horizon``, the steps to run on the first rows of a padded ``batches``
+    (:meth:`kflip.meta.tasks.Task.unroll_args` with ``bucketed=True``).
     """
     check_choice("family", family_name, FAMILIES)
     family = FAMILIES[family_name]
     n_weights = float(sum(int(np.prod(s)) for s in family.kernel_shapes()))
 
-    @tf.function(jit_compile=True, reduce_retracing=True)
-    def unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels):
+    def run(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels, horizon):
         rule = FlipRule(cell_from_vector(tf.cast(cell_vec, tf.float32), hidden_size), beta, eps)
-        horizon = tf.shape(batches)[0]
 
         def body(s):
             idx = batches[s.t]
@@ -184,15 +186,23 @@ def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float):
         )
         return _result(family, s, horizon, n_weights, x_held_out, y_held_out)
 
+    if bucketed:
+        return tf.function(run, jit_compile=True, reduce_retracing=True)
+
+    @tf.function(jit_compile=True, reduce_retracing=True)
+    def unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels):
+        return run(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels,
+                   tf.shape(batches)[0])
+
     return unroll
 
 
 _UNROLLS: dict = {}
 
 
-def get_unroll(family_name: str, hidden_size: int, beta: float, eps: float):
+def get_unroll(family_name: str, hidden_size: int, beta: float, eps: float, bucketed: bool = False):
     """:func:`make_unroll`, cached per process (XLA compiles once per family/shape)."""
-    key = (family_name, int(hidden_size), float(beta), float(eps))
+    key = (family_name, int(hidden_size), float(beta), float(eps), bool(bucketed))
     if key not in _UNROLLS:
         _UNROLLS[key] = make_unroll(*key)
     return _UNROLLS[key]
@@ -206,9 +216,9 @@ class Evaluator:
         self.beta = beta
         self.eps = eps
 
-    def __call__(self, vec, task: Task) -> dict:
-        fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps)
-        r = fn(tf.constant(np.asarray(vec, np.float32)), *task.unroll_args())
+    def __call__(self, vec, task: Task, bucketed: bool = False) -> dict:
+        fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps, bucketed)
+        r = fn(tf.constant(np.asarray(vec, np.float32)), *task.unroll_args(bucketed))
         meta = float(r.meta_loss)
         if not math.isfinite(meta):
             meta = 1e3  # a rule that produces NaN is as bad as it gets
