@@ -513,9 +513,8 @@ def _cell_json(r: CellResult) -> dict:
         "rows": [{"optimizer": x.label, "kind": x.spec.kind, "params": dict(x.spec.params),
                   "accuracies": list(x.accuracies), "mean": x.mean, "std": x.std}
                  for x in r.rows],
-        "best_baseline": r.best_baseline,
-        "difference": None if d is None else d._asdict(), "verdict": r.verdict,
-        "speedup": r.speedup,
+        "best_baseline": r.best_baseline, "verdict": r.verdict, "speedup": r.speedup,
+        "difference": None if d is None else d._asdict(),
         "tuning": {label: [[dict(s.params), acc] for s, acc in scores]
                    for label, scores in r.tuning.items()},
     }
@@ -583,17 +582,18 @@ def plot_heatmap(results: Sequence[CellResult], path: str) -> str:
         if r.difference is not None:
             grid[i, j] = r.difference.mean
             text[i, j] = f"{r.difference.mean:+.2f}\n{r.verdict}"
-    fig = plots._figure(1, height=1.0 + 0.6 * len(models))
+    fig = plots._figure(max(2, len(lengths)), height=1.2 + 0.6 * len(models))
     ax = fig.add_subplot()
     finite = grid[np.isfinite(grid)]
     lim = max(0.1, float(np.abs(finite).max())) if finite.size else 1.0
     image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     for (i, j), t in text.items():
-        ax.text(j, i, t, ha="center", va="center", fontsize=8)
+        dark = abs(grid[i, j]) > 0.6 * lim
+        ax.text(j, i, t, ha="center", va="center", fontsize=8, color="w" if dark else "k")
     held = {r.cell.model for r in results if r.cell.held_out}
     ax.set_yticks(range(len(models)),
                   [m + (" (held out)" if m in held else "") for m in models])
     ax.set_xticks(range(len(lengths)), [f"{n} steps" for n in lengths])
-    fig.colorbar(image, ax=ax, label="FlipLSTM - best baseline (points)")
-    ax.set_title("test accuracy, FlipLSTM - best baseline")
+    fig.colorbar(image, ax=ax, label="points")
+    ax.set_title("test accuracy: FlipLSTM - best baseline")
     return plots._save(fig, path)
