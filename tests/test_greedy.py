@@ -93,6 +93,36 @@ def test_incremental_equals_naive_conv(probe):
     _check_layers_exact(model, x, y, n_cand=12, group=2, seed=2)
 
 
+def test_sign_table_equals_pair_path_and_naive_after_accepts(probe):
+    """The sign-flip table (binary boundary, Dense next layer) gives the pair path's loss
+    changes bit for bit, also after accepted flips refresh its rows, and the naive ones."""
+    x, y = probe
+    model = small_mlp(hidden=(12, 10), seed=3)
+    net = network.Network(model, None, None)
+    rng = np.random.RandomState(1)
+    for p in [i for i in net.linear if net.ops[i].binary][:2]:
+        lin = net.ops[p]
+        s = incremental.IncrementalEvaluator(net, p, tf.constant(x), tf.constant(y), 4096)
+        s.start(tf.reshape(tf.convert_to_tensor(lin.var), [lin.fan_in, lin.units]))
+        assert s.table, lin.name
+        for step in range(4):
+            c = rng.randint(0, lin.units, 16).astype(np.int32)
+            f = np.stack([rng.choice(lin.fan_in, 2, replace=False) for _ in range(16)]).astype(np.int32)
+            m = (rng.rand(16, 2) < 0.7).astype(np.float32)
+            table = s.evaluate(c, f, m)
+            s.table = False
+            pairs = s.evaluate(c, f, m)
+            s.table = True
+            np.testing.assert_array_equal(table[0], pairs[0], err_msg=lin.name)
+            np.testing.assert_array_equal(table[1], pairs[1], err_msg=lin.name)
+            ref = _naive_delta(net, p, tf.constant(x), tf.constant(y), s.Wm.numpy(), c, f, m)
+            np.testing.assert_allclose(table[0], ref, rtol=1e-5, atol=1e-4 * max(1.0, np.abs(ref).max()))
+            j = int(np.argmax(table[1]))  # accept the flip that changes the most examples
+            assert table[1][j] > 0
+            s.accept(int(c[j]), f[j], m[j])
+            assert s.table, lin.name
+
+
 @pytest.mark.parametrize("order", ["index", "random"])
 def test_accepted_sequence_equals_naive(probe, order):
     x, y = probe

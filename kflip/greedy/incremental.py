@@ -5,6 +5,14 @@ it), see :mod:`kflip.greedy` for the method: the prefix runs once; a flip of ``W
 changes only channel ``c``; examples whose binarized boundary does not change keep their
 loss; the others get a rank-1 / local update of the next layer's pre-activation and the
 rest of the network runs on those rows only.
+
+When the boundary is binary (a sign quantizer, values +-1) and the next layer is Dense,
+a changed boundary value is always its negation, so the loss change of example ``n``
+when channel ``c`` changes does not depend on which weight of the column was flipped:
+it is tabulated once per layer (``Dt[c, n]``, the pair path's arithmetic) and only the
+rows of examples an accepted flip changed are recomputed. A block then costs one fused
+pass over its (candidate, example) pairs: the new channel values, the comparison with
+the boundary, a masked float64 sum of the table.
 """
 
 from __future__ import annotations
@@ -58,6 +66,10 @@ class IncrementalEvaluator:
         self._update = net.jit(self._update_impl)
         self._init = net.jit(self._init_impl)
         self._grad = net.jit(self._grad_impl)
+        self._update_t = net.jit(lambda Z, A: (to_front(Z), to_front(A)))
+        self._rows_fns = {}
+        self._table_fns = {}
+        self.table = False
         self.params = None
 
     @staticmethod
@@ -169,6 +181,37 @@ class IncrementalEvaluator:
         delta = tf.math.unsorted_segment_sum(dk, bk, b)
         return delta, naff, count
 
+    def _eval_table_impl(self, Pt, Zt, At, Dt, Wm, cc, ff, mm):
+        """Table path of :meth:`_eval_impl` (transposed caches: ``Pt`` (F, N), ``Zt``,
+        ``At`` (C, N)); ``ok`` is False if some changed value is not the old one negated
+        (then the table does not apply and the caller uses the pair path)."""
+        b, g = int(ff.shape[0]), int(ff.shape[1])
+        w = tf.gather_nd(Wm, tf.stack([ff, tf.broadcast_to(cc[:, None], [b, g])], -1))
+        coef = tf.reshape(-2.0 * w * mm, [b, g, 1])
+        pg = tf.reshape(tf.gather(Pt, tf.reshape(ff, [-1])), [b, g, self.n])
+        zc = tf.gather(Zt, cc) + tf.reduce_sum(coef * pg, axis=1)  # as new_channels
+        ac_new = self._chain_chan(zc, cc)  # (B, N)
+        ac_old = tf.gather(At, cc)
+        changed = tf.not_equal(ac_new, ac_old)
+        ok = tf.reduce_all(tf.logical_or(tf.logical_not(changed), tf.equal(ac_new, -ac_old)))
+        naff = tf.reduce_sum(tf.cast(changed, tf.int32), axis=1)
+        delta = tf.reduce_sum(tf.where(changed, tf.gather(Dt, cc), tf.zeros([], tf.float64)), axis=1)
+        return delta, naff, ok
+
+    def _table_rows_impl(self, A, Zn, L, Dt, ids):
+        """``Dt`` with the columns of examples ``ids`` (K,) recomputed: ``Dt[c, n]`` is the
+        loss change of example n if its boundary value in channel c is negated, computed
+        as the pair path computes a changed pair (new - old = -a - a)."""
+        a = tf.gather(A, ids)  # (K, C)
+        k, c = int(a.shape[0]), int(a.shape[1])
+        d = tf.reshape(-a - a, [-1])
+        ck = tf.tile(tf.range(c), [k])
+        nk = tf.repeat(ids, c)
+        zrows = tf.gather(Zn, nk) + self._contrib(d, ck)
+        lnew = self.net.per_example_loss(self._rest_loss(zrows), tf.gather(self.y, nk))
+        dk = tf.cast(lnew, tf.float64) - tf.gather(tf.cast(L, tf.float64), nk)
+        return tf.tensor_scatter_nd_update(Dt, tf.stack([ck, nk], -1), dk)
+
     def _update_impl(self, P, Z, A, Zn, Wm, c, ff, mm):
         g = int(ff.shape[0])
         idx = tf.stack([ff, tf.fill([g], c)], -1)
@@ -203,6 +246,58 @@ class IncrementalEvaluator:
                 "elementwise layers are supported after the spatial layers."
             )
         self.Wm = Wm
+        self._start_table()
+
+    # ---- sign-flip table ---------------------------------------------------------
+    def _start_table(self):
+        """Build the table if it can apply: a rank-2 boundary, now all +-1, and a Dense next."""
+        self.table = (self.next is not None and self.next.kind == "dense"
+                      and self.A.shape.rank == 2 and bool(tf.reduce_all(tf.abs(self.A) == 1.0)))
+        if not self.table:
+            return
+        self.Pt = tf.transpose(self.P)
+        self.Zt, self.At = self._update_t(self.Z, self.A, params=self.params)
+        self.Dt = tf.zeros([int(self.A.shape[1]), self.n], tf.float64)
+        self._refresh_rows(np.arange(self.n, dtype=np.int32))
+
+    def _row_chunk(self):
+        """Examples per table-row call: (K * C, width) rows stay under 2**24 elements."""
+        width = max(self.net.ops[i].units for i in self.net.linear if i >= self.q)
+        return max(1, min(self.n, 2**24 // (int(self.A.shape[1]) * width)))
+
+    def _refresh_rows(self, ids):
+        """Recompute the table columns of examples ``ids`` (host int32 array)."""
+        big = self._row_chunk()
+        k = min(big, 32) if len(ids) <= min(big, 32) else big
+        if k not in self._rows_fns:
+            self._rows_fns[k] = self.net.jit(self._table_rows_impl)
+        for i in range(0, len(ids), k):
+            chunk = ids[i:i + k]
+            chunk = np.concatenate([chunk, np.full(k - len(chunk), chunk[-1], np.int32)])
+            self.Dt = self._rows_fns[k](self.A, self.Zn, self.L, self.Dt, chunk, params=self.params)
+
+    def _commit_table(self, A_old, Zn_old, L_old):
+        """After a state change: the transposed caches and the table rows of every example
+        whose boundary, next pre-activation or loss changed."""
+        At_old = self.At
+        self.Zt, self.At = self._update_t(self.Z, self.A, params=self.params)
+        ch = (tf.reduce_any(At_old != self.At, axis=0) | tf.reduce_any(Zn_old != self.Zn, axis=1)
+              | (L_old != self.L))
+        rows = np.flatnonzero(ch.numpy()).astype(np.int32)
+        if rows.size:
+            self._refresh_rows(rows)
+
+    def _evaluate_table(self, cc, ff, mm):
+        """The table path of :meth:`evaluate`; None if it does not apply (then never again)."""
+        key = (int(cc.shape[0]), int(ff.shape[1]))
+        if key not in self._table_fns:
+            self._table_fns[key] = self.net.jit(self._eval_table_impl)
+        delta, naff, ok = self._table_fns[key](self.Pt, self.Zt, self.At, self.Dt, self.Wm, cc, ff, mm,
+                                               params=self.params)
+        if not bool(ok):
+            self.table = False
+            return None
+        return delta.numpy(), naff.numpy()
 
     def gradient(self):
         return self._grad(self.X[:GRADIENT_EXAMPLES], self.Wm, params=self.params)
@@ -238,6 +333,10 @@ class IncrementalEvaluator:
         allows (the caller splits the block). The pair capacity adapts to the counts
         seen (compiled sizes n * 4**k).
         """
+        if self.table:
+            res = self._evaluate_table(cc, ff, mm)
+            if res is not None:
+                return res
         b, g = int(cc.shape[0]), int(ff.shape[1])
         caps = self._capacities(b) if self.next is not None else [0]
         cap = self._cap.get(b, caps[-1]) if self.next is not None else 0
@@ -264,7 +363,10 @@ class IncrementalEvaluator:
         return self._update(self.P, self.Z, self.A, self.Zn, self.Wm, c, ff, mm, params=self.params)
 
     def commit(self, state):
+        old = self.A, self.Zn, self.L
         self.Wm, self.Z, self.A, self.Zn, self.L = state
+        if self.table:
+            self._commit_table(*old)
 
     def accept(self, c, ff, mm):
         """Flip (c, ff[mm > 0]) in the cached state; returns the new flat kernel."""
