@@ -31,21 +31,19 @@ State per binary weight: ``h`` and ``c``, 2*H float32 = 8*H bytes (8 B for ``H =
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import zipfile
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
 from kflip import _checks as checks
 from kflip import _keras
+from kflip import conditioning
 
 _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
-FORMAT = "kflip-lstm/1"
 FEATURES = ("theta_grad", "theta_grad_normalized")
 GATES = ("input", "forget", "candidate", "output")
 _DEFAULT_DIR = os.path.join(os.path.dirname(__file__), "weights")
@@ -89,6 +87,7 @@ class LSTMWeights:
     beta: float = 0.99
     eps: float = 1e-20
     metadata: dict = dataclasses.field(default_factory=dict)
+    tensor_kernel: Any = None
 
     def __post_init__(self):
         f = lambda a: np.asarray(a, dtype=np.float32)  # noqa: E731
@@ -114,7 +113,8 @@ class LSTMWeights:
                     f"expected {shape} for {len(FEATURES)} features and hidden size {h} "
                     "(from `out_kernel`)."
                 )
-        for name in ("kernel", "recurrent", "bias", "out_kernel"):
+        self._check_tensor_kernel(h)
+        for name in ("kernel", "recurrent", "bias", "out_kernel", "tensor_kernel"):
             if not np.all(np.isfinite(getattr(self, name))):
                 raise ValueError(f"LSTM weights: `{name}` contains NaN or Inf.")
         object.__setattr__(self, "out_bias", checks.number("out_bias", self.out_bias))
@@ -125,9 +125,25 @@ class LSTMWeights:
         eps = checks.number("eps", self.eps, low=0.0, low_open=True)
         object.__setattr__(self, "eps", eps)
 
+    def _check_tensor_kernel(self, h: int) -> None:
+        tk = conditioning.zeros(h) if self.tensor_kernel is None else self.tensor_kernel
+        tk = np.asarray(tk, np.float32)
+        if tk.shape != conditioning.zeros(h).shape:
+            raise ValueError(
+                f"LSTM weights: `tensor_kernel` has shape {tk.shape}, expected "
+                f"{conditioning.zeros(h).shape} for {len(conditioning.TENSOR_FEATURES)} "
+                f"per-tensor features and hidden size {h}."
+            )
+        object.__setattr__(self, "tensor_kernel", tk)
+
     @property
     def hidden_size(self) -> int:
         return int(self.out_kernel.shape[0])
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether per-tensor features change the rule (:mod:`kflip.conditioning`)."""
+        return bool(np.any(self.tensor_kernel != 0))
 
     def padded(self, hidden_size: int) -> "LSTMWeights":
         """The same rule with ``hidden_size`` units; the extra units are inert.
@@ -154,8 +170,10 @@ class LSTMWeights:
             return out
 
         bias = pad_gates(self.bias[None], 1)[0]
+        tk = self.tensor_kernel
         return dataclasses.replace(
             self,
+            tensor_kernel=np.concatenate([pad_gates(tk[:, :-1], len(tk)), tk[:, -1:]], axis=1),
             kernel=pad_gates(self.kernel, len(FEATURES)),
             recurrent=pad_gates(
                 np.concatenate(
@@ -181,7 +199,7 @@ class LSTMWeights:
             "beta": self.beta,
             "eps": self.eps,
             "metadata": self.metadata,
-        }
+        } | ({"tensor_kernel": self.tensor_kernel.tolist()} if self.conditioned else {})
 
     @classmethod
     def from_config(cls, config: dict) -> "LSTMWeights":
@@ -189,92 +207,16 @@ class LSTMWeights:
 
     def save(self, path: str) -> None:
         """Write ``path`` (``.npz``, arrays) and ``path`` with ``.json`` (metadata)."""
-        stem, _ = os.path.splitext(path)
-        np.savez(
-            stem + ".npz",
-            kernel=self.kernel,
-            recurrent=self.recurrent,
-            bias=self.bias,
-            out_kernel=self.out_kernel,
-            out_bias=np.float32(self.out_bias),
-            beta=np.float64(self.beta),
-            eps=np.float64(self.eps),
-        )
-        meta = {
-            "format": FORMAT,
-            "features": list(FEATURES),
-            "gates": list(GATES),
-            "hidden_size": self.hidden_size,
-            **self.metadata,
-        }
-        with open(stem + ".json", "w") as fh:
-            json.dump(meta, fh, indent=2, sort_keys=True)
-            fh.write("\n")
+        from kflip import weights_io
+
+        weights_io.save(self, path)
 
     @classmethod
     def load(cls, path: str) -> "LSTMWeights":
         """Load weights saved by :meth:`save` (``allow_pickle=False``)."""
-        stem, ext = os.path.splitext(os.fspath(path))
-        npz = stem + ".npz"
-        if not os.path.exists(npz):
-            raise FileNotFoundError(
-                f"`weights`: no LSTM weights file at {npz!r} (expected an .npz written "
-                "by `kflip meta-train` or `LSTMWeights.save`)."
-            )
-        arrays = _read_npz(npz)
-        meta = {}
-        if os.path.exists(stem + ".json"):
-            try:
-                with open(stem + ".json") as fh:
-                    meta = json.load(fh)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ValueError(f"`weights`: {stem}.json is not valid JSON ({e}).") from e
-            if meta.get("format", FORMAT) != FORMAT:
-                raise ValueError(
-                    f"`weights`: {stem}.json has format {meta.get('format')!r}; "
-                    f"this kflip reads {FORMAT!r}."
-                )
-            if tuple(meta.get("features", FEATURES)) != FEATURES:
-                raise ValueError(
-                    f"`weights`: {stem}.json uses features {meta.get('features')}, "
-                    f"this kflip computes {list(FEATURES)}."
-                )
-        for key in ("format", "features", "gates", "hidden_size"):
-            meta.pop(key, None)
-        try:
-            return cls(
-                kernel=arrays["kernel"],
-                recurrent=arrays["recurrent"],
-                bias=arrays["bias"],
-                out_kernel=arrays["out_kernel"],
-                out_bias=arrays["out_bias"],
-                beta=arrays.get("beta", 0.99),
-                eps=arrays.get("eps", 1e-20),
-                metadata=meta,
-            )
-        except ValueError as e:
-            raise ValueError(f"`weights` file {npz!r}: {e}") from e
+        from kflip import weights_io
 
-
-_REQUIRED = ("kernel", "recurrent", "bias", "out_kernel", "out_bias")
-
-
-def _read_npz(npz: str) -> dict:
-    """The arrays of an LSTM weights ``.npz``; a ValueError naming the file if unreadable."""
-    if os.path.isdir(npz) or not zipfile.is_zipfile(npz):
-        raise ValueError(
-            f"`weights` file {npz!r} is not an .npz archive (expected one written by "
-            "`kflip meta-train` or `LSTMWeights.save`)."
-        )
-    try:
-        with np.load(npz, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
-        raise ValueError(f"`weights` file {npz!r} cannot be read: {e}") from e
-    missing = [k for k in _REQUIRED if k not in arrays]
-    if missing:
-        raise ValueError(f"`weights` file {npz!r} has no array {missing[0]!r}.")
-    return arrays
+        return weights_io.load(path)
 
 
 def _logit(p: float) -> float:
@@ -391,6 +333,7 @@ class CellTensors(NamedTuple):
     bias: tf.Tensor
     out_kernel: tf.Tensor
     out_bias: tf.Tensor
+    tensor_kernel: Any = None  # None: no per-tensor conditioning
 
     @classmethod
     def from_weights(
@@ -407,16 +350,20 @@ class CellTensors(NamedTuple):
             f = lambda a: np.asarray(a, np.float32)  # noqa: E731
         else:
             f = lambda a: tf.constant(a, dtype)  # noqa: E731
-        return cls(f(w.kernel), f(w.recurrent), f(w.bias), f(w.out_kernel), f(w.out_bias))
+        tk = f(w.tensor_kernel) if w.conditioned else None
+        return cls(f(w.kernel), f(w.recurrent), f(w.bias), f(w.out_kernel), f(w.out_bias), tk)
 
 
 def lstm_cell(
-    cell: CellTensors, features: Sequence[tf.Tensor], h: tf.Tensor, c: tf.Tensor
+    cell: CellTensors, features: Sequence[tf.Tensor], h: tf.Tensor, c: tf.Tensor,
+    gate_offsets=None, out_scale=None,
 ):
     """One coordinatewise LSTM step.
 
     ``features`` is a list of F tensors of the parameter's shape ``S``; ``h`` and ``c``
     have shape ``S + [H]``. Returns ``(y, h, c)`` with ``y`` of shape ``S``.
+    ``gate_offsets`` (``[4H]``, added to the gate biases) and ``out_scale`` (times the
+    read-out bias) are the per-tensor conditioning (:mod:`kflip.conditioning`).
 
     The products with the tiny weight matrices are written out as scalar
     multiply-adds on parameter-shaped tensors (F and H are small and static), so XLA
@@ -442,6 +389,8 @@ def lstm_cell(
     def gate(g, k):
         col = g * hidden + k
         z = _coef(cell.bias, col)
+        if gate_offsets is not None:
+            z = z + gate_offsets[col]
         for f, x in enumerate(features):
             z = _madd(z, x, _coef(cell.kernel, f, col))
         for j, hj in enumerate(hs):
@@ -452,6 +401,8 @@ def lstm_cell(
         return z
 
     h_list, c_list, y = [], [], _coef(cell.out_bias)
+    if out_scale is not None:
+        y = y * out_scale
     for k in range(hidden):
         i = _sigmoid(gate(0, k))
         fg = _sigmoid(gate(1, k))
@@ -464,7 +415,7 @@ def lstm_cell(
         y = _madd(y, hk, _coef(cell.out_kernel, k))
     h_new = tf.stack(h_list, axis=-1)
     c_new = tf.stack(c_list, axis=-1)
-    if isinstance(y, float):
+    if isinstance(y, float) or y.shape.rank == 0:
         y = tf.fill(tf.shape(features[0]), tf.cast(y, features[0].dtype))
     return y, h_new, c_new
 

@@ -12,6 +12,7 @@ import tensorflow as tf  # noqa: E402
 
 from kflip import _checks as checks  # noqa: E402
 from kflip import cell as cell_lib  # noqa: E402
+from kflip import conditioning  # noqa: E402
 from kflip import rule as rule_lib  # noqa: E402
 from kflip.binary import is_binary_variable, named_binary_variables, unique_names  # noqa: E402
 
@@ -19,7 +20,7 @@ Optimizer = tf.keras.optimizers.legacy.Optimizer
 _OUTPUTS = ("flip", "gradient")
 _COUNTER_BASE = 2**20
 # Slots whose shape is not the variable's (checkpoint restore must be told).
-_SLOT_SHAPES = {"v": [], "flips": [2]}
+_SLOT_SHAPES = {"v": [], "flips": [2], "tensor": [2]}
 
 
 def _float_optimizer(identifier):
@@ -269,6 +270,8 @@ class FlipLSTM(Optimizer):
             # 2**20 carries into high): exact far beyond float32's 2**24, and a plain
             # slot, so every Keras/TF save path restores it.
             self.add_slot(var, "flips", shape=_SLOT_SHAPES["flips"])
+            if self.lstm_weights.conditioned:  # per-tensor conditioning: (v_slow, rate)
+                self.add_slot(var, "tensor", shape=_SLOT_SHAPES["tensor"])
             if not any(var is known for known in self._binary_vars):  # called per trace
                 self._binary_vars.append(var)
 
@@ -324,12 +327,16 @@ class FlipLSTM(Optimizer):
         """The rule's state of ``var``, read from its slots."""
         hidden = range(self.hidden_size)
         low, high = tf.unstack(tf.cast(self.get_slot(var, "flips"), tf.int64))
+        tensor = ()
+        if self.lstm_weights.conditioned:
+            tensor = conditioning.TensorState(*tf.unstack(self.get_slot(var, "tensor")))
         return rule_lib.FlipState(
             h=tf.stack([self.get_slot(var, f"h{k}") for k in hidden], axis=-1),
             c=tf.stack([self.get_slot(var, f"c{k}") for k in hidden], axis=-1),
             v=tf.convert_to_tensor(self.get_slot(var, "v")),
             step=tf.cast(self.iterations, tf.int64),
             flips=high * _COUNTER_BASE + low,
+            tensor=tensor,
         )
 
     def _write_state(self, var, state: rule_lib.FlipState) -> list:
@@ -338,6 +345,8 @@ class FlipLSTM(Optimizer):
         base = _COUNTER_BASE
         words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter.dtype)
         ops = [counter.assign(words), self.get_slot(var, "v").assign(state.v)]
+        if state.tensor:
+            ops.append(self.get_slot(var, "tensor").assign(tf.stack(list(state.tensor))))
         hs, cs = tf.unstack(state.h, axis=-1), tf.unstack(state.c, axis=-1)
         for k in range(self.hidden_size):
             ops.append(self.get_slot(var, f"h{k}").assign(hs[k]))

@@ -39,6 +39,7 @@ _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
 from kflip import cell as cell_lib  # noqa: E402
+from kflip import conditioning  # noqa: E402
 
 
 class FlipState(NamedTuple):
@@ -50,6 +51,8 @@ class FlipState(NamedTuple):
       v: per-tensor average of ``mean(g**2)`` (a scalar per tensor).
       step: updates done so far (int64 scalar).
       flips: cumulative flips per tensor (int64 scalar per tensor).
+      tensor: per-tensor conditioning state (:class:`kflip.conditioning.TensorState`)
+        when the rule is conditioned, else ``()``.
     """
 
     h: Any
@@ -57,14 +60,18 @@ class FlipState(NamedTuple):
     v: Any
     step: Any
     flips: Any
+    tensor: Any = ()  # conditioning.TensorState per tensor (empty: unconditioned rule)
 
 
 class _One(NamedTuple):
-    sign: tf.Tensor
+    """One tensor's share of the state (and, as an output, its signs)."""
+
+    sign: tf.Tensor  # the parameter on input, its signs on output
     h: tf.Tensor
     c: tf.Tensor
     v: tf.Tensor
     flips: tf.Tensor
+    tensor: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +108,22 @@ class FlipRule:
         """Zero state for ``params`` (one tensor or a list/tuple of tensors)."""
         flat = [tf.convert_to_tensor(p) for p in tf.nest.flatten(params)]
         zeros = [tf.zeros(p.shape.concatenate([self.hidden_size]), p.dtype) for p in flat]
+        tensor = ()
+        if self.conditioned:
+            tensor = _pack(params, [conditioning.init(p.dtype) for p in flat])
         return FlipState(
             h=_pack(params, zeros),
             c=_pack(params, zeros),
             v=_pack(params, [tf.zeros([], p.dtype) for p in flat]),
             step=tf.constant(0, tf.int64),
             flips=_pack(params, [tf.constant(0, tf.int64) for _ in flat]),
+            tensor=tensor,
         )
+
+    @property
+    def conditioned(self) -> bool:
+        """Whether per-tensor features set the cell (:mod:`kflip.conditioning`)."""
+        return self.cell.tensor_kernel is not None
 
     def update(self, grads, state: FlipState, params):
         """``(signs, new_state)``: ``params * signs`` are the new binary weights.
@@ -115,10 +131,7 @@ class FlipRule:
         ``params`` must be exactly +-1. Where a gradient is NaN/Inf (or its square
         overflows), nothing flips and that tensor's state is left as it was.
         """
-        outs = [
-            self._update_one(p, g, h, c, v, n, state.step)
-            for p, g, h, c, v, n in _zip(params, grads, state)
-        ]
+        outs = [self._update_one(one, g, state.step) for one, g in _zip(params, grads, state)]
         return self._collect(params, outs, state.step)
 
     def latent_update(self, grads, state: FlipState, latent, learning_rate, clip=None):
@@ -130,26 +143,28 @@ class FlipRule:
         ``(new_latent, new_state)``.
         """
         new_latent, outs = [], []
-        for w, g, h, c, v, n in _zip(latent, grads, state):
-            w_new, one = self._latent_one(w, g, h, c, v, n, state.step, learning_rate, clip)
+        for one, g in _zip(latent, grads, state):
+            w_new, one = self._latent_one(one, g, state.step, learning_rate, clip)
             new_latent.append(w_new)
             outs.append(one)
         _, new_state = self._collect(latent, outs, state.step)
         return _pack(latent, new_latent), new_state
 
     # ---- one tensor ------------------------------------------------------------------
-    def _update_one(self, theta, grad, h, c, v, flips, step) -> _One:
-        y, h_new, c_new, v_new, finite = self._cell(theta, grad, h, c, v, step)
+    def _update_one(self, old: _One, grad, step) -> _One:
+        theta = old.sign
+        y, new, finite = self._cell(theta, grad, old, step)
         flip = tf.logical_and(y < -self.flip_threshold, finite)
         if self.max_flip_rate is not None:
             n = int(theta.shape.num_elements())
             flip = _limit_flips(flip, y, max(1, int(math.floor(self.max_flip_rate * n))))
         s = tf.where(flip, tf.constant(-1, theta.dtype), tf.constant(1, theta.dtype))
-        return self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips, flipped=flip)
+        return self._finish(s, finite, new, old, flipped=flip)
 
-    def _latent_one(self, w, grad, h, c, v, flips, step, learning_rate, clip):
+    def _latent_one(self, old: _One, grad, step, learning_rate, clip):
+        w = old.sign
         theta = cell_lib.sign_pm1(w)
-        y, h_new, c_new, v_new, finite = self._cell(theta, grad, h, c, v, step)
+        y, new, finite = self._cell(theta, grad, old, step)
         y = tf.where(finite, y, tf.zeros_like(y))
         n = float(max(y.shape.num_elements() or 1, 1))
         rms = tf.sqrt(cell_lib.fast_sum(tf.square(y)) / n)
@@ -158,32 +173,45 @@ class FlipRule:
             w_new = tf.clip_by_value(w_new, -clip, clip)
         w_new = tf.where(finite, w_new, w)
         s = cell_lib.sign_pm1(w_new) * theta
-        return w_new, self._finish(s, finite, (h_new, c_new), (h, c), v_new, flips)
+        return w_new, self._finish(s, finite, new, old)
 
-    def _cell(self, theta, grad, h, c, v, step):
+    def _cell(self, theta, grad, old: _One, step):
+        """``(y, new, finite)``: the output, the new state (frame of ``theta``) and the
+        mask of finite gradient entries."""
         step = tf.cast(step + 1, theta.dtype)
         feats, v_new, finite = cell_lib.features_and_moment(
-            theta, grad, v, step, self.beta, self.eps
+            theta, grad, old.v, step, self.beta, self.eps
         )
-        y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, h, c)
-        return y, h_new, c_new, v_new, finite
+        if not self.conditioned:
+            y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c)
+            return y, _One(None, h_new, c_new, v_new, old.flips), finite
+        v_hat = v_new / (1.0 - tf.pow(tf.constant(self.beta, theta.dtype), step))
+        phi, v_slow = conditioning.features(theta, old.tensor, v_hat, step, self.eps)
+        gate_offsets, out_scale = conditioning.offsets(self.cell.tensor_kernel, phi)
+        y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c, gate_offsets, out_scale)
+        tensor = old.tensor._replace(v_slow=v_slow)
+        return y, _One(None, h_new, c_new, v_new, old.flips, tensor), finite
 
     @staticmethod
-    def _finish(s, finite, new_state, old_state, v_new, flips, flipped=None) -> _One:
+    def _finish(s, finite, new: _One, old: _One, flipped=None) -> _One:
         """The new state in the frame of ``theta * s`` (the old one where grad was not
         finite) and the flip count (``flipped``: the mask ``s < 0`` if known)."""
         keep, s_col = tf.expand_dims(finite, -1), tf.expand_dims(s, -1)
-        h, c = (tf.where(keep, new * s_col, old) for new, old in zip(new_state, old_state))
+        h, c = (tf.where(keep, a * s_col, b) for a, b in ((new.h, old.h), (new.c, old.c)))
         if flipped is None:
             flipped = s < 0
         count = cell_lib.count_true(flipped)
-        return _One(s, h, c, v_new, flips + tf.cast(count, tf.int64))
+        tensor = new.tensor
+        if tensor is not None:
+            tensor = tensor._replace(
+                rate=conditioning.next_rate(tensor, count, int(s.shape.num_elements())))
+        return _One(s, h, c, new.v, old.flips + tf.cast(count, tf.int64), tensor)
 
     @staticmethod
     def _collect(params, outs, step):
         field = lambda k: _pack(params, [o[k] for o in outs])  # noqa: E731
-        signs = field(0)
-        return signs, FlipState(field(1), field(2), field(3), step + 1, field(4))
+        tensor = () if outs[0].tensor is None else field(5)
+        return field(0), FlipState(field(1), field(2), field(3), step + 1, field(4), tensor)
 
 
 def _single(params) -> bool:
@@ -197,10 +225,12 @@ def _pack(structure, flat):
 
 
 def _zip(params, grads, state: FlipState):
-    """Per-tensor ``(param, grad, h, c, v, flips)`` for one tensor or a list of them."""
+    """Per-tensor ``(_One(param, h, c, v, flips, tensor), grad)`` for one tensor or a list."""
     if _single(params):
-        return [(params, grads, state.h, state.c, state.v, state.flips)]
-    return list(zip(params, grads, state.h, state.c, state.v, state.flips))
+        return [(_One(params, state.h, state.c, state.v, state.flips, state.tensor or None), grads)]
+    tensors = state.tensor if state.tensor else [None] * len(params)
+    ones = zip(params, state.h, state.c, state.v, state.flips, tensors)
+    return [(_One(*one), g) for one, g in zip(ones, grads)]
 
 
 def _limit_flips(flip, y, max_flips: int):

@@ -9,6 +9,7 @@ import tensorflow as tf
 import kflip
 from conftest import random_lstm_weights
 from kflip import cell as C
+from kflip import weights_io
 
 
 def _numpy_lstm(w, x, h, c):
@@ -72,7 +73,7 @@ def test_weights_save_load_roundtrip(tmp_path):
     path = tmp_path / "rule.npz"
     w.save(str(path))
     meta = json.loads((tmp_path / "rule.json").read_text())
-    assert meta["format"] == C.FORMAT and meta["hidden_size"] == 2 and meta["init"] == "test"
+    assert meta["format"] == weights_io.FORMAT and meta["hidden_size"] == 2 and meta["init"] == "test"
     back = kflip.LSTMWeights.load(str(path))
     for k in ("kernel", "recurrent", "bias", "out_kernel"):
         np.testing.assert_array_equal(getattr(back, k), getattr(w, k))

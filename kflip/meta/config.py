@@ -85,6 +85,12 @@ class MetaConfig:
         "gates that read no input are trace-time constants, so a step costs about Bop's)",
     )
     zero_scale: float = _opt(1e-7, "ES scale s[i] of the coordinates that start at 0")
+    tensor_features: bool = _opt(
+        False,
+        "also meta-train the per-tensor conditioning (kflip.conditioning: step, gradient "
+        "trend, fan-in and flip rate set the gates and the threshold), starting at zero",
+    )
+    tensor_scale: float = _opt(0.1, "ES scale of the per-tensor conditioning coordinates")
     val_tasks: int = _opt(6, "fixed validation tasks for model selection")
     eval_every: int = _opt(2, "score the mean weights on the validation tasks this often")
     seed: int = _opt(0, "seed of everything")
@@ -95,7 +101,7 @@ class MetaConfig:
             value = getattr(self, f.name)
             if kind is int and f.name not in ("seed", "min_horizon"):
                 checks.positive_int(f.name, value)
-            elif kind is float and f.name in ("sigma", "learning_rate", "zero_scale"):
+            elif kind is float and f.name in ("sigma", "learning_rate", "zero_scale", "tensor_scale"):
                 checks.number(f.name, value, low=0.0, low_open=True)
             elif typing.get_origin(kind) is tuple:
                 object.__setattr__(self, f.name, tuple(value))
@@ -211,7 +217,7 @@ def trainable_mask(config: MetaConfig) -> np.ndarray:
     (12, 18)
     """
     h = config.hidden_size
-    mask = np.ones(unroll.num_params(h))
+    mask = np.ones(unroll.num_params(h, config.tensor_features))
     n_feat = len(cell_lib.FEATURES)
     kernel = mask[: n_feat * 4 * h].reshape(n_feat, 4, h)  # a view
     if not config.train_raw_feature:
@@ -222,10 +228,15 @@ def trainable_mask(config: MetaConfig) -> np.ndarray:
     return mask
 
 
-def coordinate_scales(w0_flat: np.ndarray, zero_scale: float = 1.0) -> np.ndarray:
-    """``s[i] = |w0[i]|`` (``zero_scale`` where 0): the natural scale of each coordinate."""
+def coordinate_scales(w0_flat: np.ndarray, zero_scale: float = 1.0, tensor_scale: float = 1.0,
+                      hidden_size: int = 1) -> np.ndarray:
+    """``s[i] = |w0[i]|`` (``zero_scale`` where 0): the natural scale of each coordinate;
+    ``tensor_scale`` for the per-tensor conditioning block of a conditioned vector."""
     s = np.abs(np.asarray(w0_flat, np.float64))
-    return np.where(s > 0, s, float(zero_scale))
+    s = np.where(s > 0, s, float(zero_scale))
+    if len(s) == unroll.num_params(hidden_size, True):
+        s[unroll.num_params(hidden_size):] = float(tensor_scale)
+    return s
 
 
 # ---- the task distribution -------------------------------------------------------------

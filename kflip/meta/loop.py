@@ -177,9 +177,11 @@ class _Trainer:
 
         self.config = config
         self.w0 = config_lib.initial_weights(config)
-        self.x0 = unroll.flatten(self.w0)
-        self.mask = config_lib.trainable_mask(config)
-        self.scales = config_lib.coordinate_scales(self.x0, config.zero_scale) * self.mask
+        self.x0 = unroll.flatten(self.w0, config.tensor_features or self.w0.conditioned)
+        mask = config_lib.trainable_mask(config)  # a conditioned init's extra block: frozen
+        self.mask = np.concatenate([mask, np.zeros(len(self.x0) - len(mask))])
+        self.scales = self.mask * config_lib.coordinate_scales(
+            self.x0, config.zero_scale, config.tensor_scale, config.hidden_size)
         self.val_keys = config_lib.validation_tasks(config)
         self.estimator = estimator or AntitheticES(config, self.mask)
         self.adam = Adam(config.learning_rate, eps=1e-8)

@@ -29,6 +29,7 @@ _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
 from kflip import cell as cell_lib  # noqa: E402
+from kflip import conditioning  # noqa: E402
 from kflip.adam import Adam, AdamState  # noqa: E402
 from kflip.meta import tasks  # noqa: E402
 from kflip.meta.nets import FAMILIES, forward, offset_shapes, xent  # noqa: E402
@@ -39,38 +40,26 @@ OFFSET_ADAM = Adam(learning_rate=tasks.OFFSET_LR)
 
 
 # ---- LSTM weights <-> flat vector --------------------------------------------------
-def num_params(hidden_size: int) -> int:
-    h = hidden_size
-    return len(cell_lib.FEATURES) * 4 * h + h * 4 * h + 4 * h + h + 1
+def num_params(hidden_size: int, conditioned: bool = False) -> int:
+    """Length of the flat vector (``conditioned``: with the per-tensor ``tensor_kernel``)."""
+    return sum(int(np.prod(s)) for s in _split_sizes(hidden_size, conditioned))
 
 
-def flatten(w: cell_lib.LSTMWeights) -> np.ndarray:
-    """``kernel, recurrent, bias, out_kernel, out_bias`` as one float64 vector."""
-    return np.concatenate(
-        [
-            w.kernel.ravel(),
-            w.recurrent.ravel(),
-            w.bias.ravel(),
-            w.out_kernel.ravel(),
-            [w.out_bias],
-        ]
-    ).astype(np.float64)
+def flatten(w: cell_lib.LSTMWeights, conditioned: bool | None = None) -> np.ndarray:
+    """``kernel, recurrent, bias, out_kernel, out_bias`` (and ``tensor_kernel`` when
+    ``conditioned``; default: when ``w`` is) as one float64 vector."""
+    conditioned = w.conditioned if conditioned is None else conditioned
+    parts = [w.kernel.ravel(), w.recurrent.ravel(), w.bias.ravel(), w.out_kernel.ravel(),
+             [w.out_bias]]
+    if conditioned:
+        parts.append(w.tensor_kernel.ravel())
+    return np.concatenate(parts).astype(np.float64)
 
 
 def unflatten(vec, hidden_size: int, like: cell_lib.LSTMWeights | None = None, metadata=None):
     """Inverse of :func:`flatten` (``beta``/``eps`` taken from ``like``)."""
     vec = np.asarray(vec, np.float64)
-    if vec.shape != (num_params(hidden_size),):
-        raise ValueError(
-            f"`vec` has shape {vec.shape}, expected ({num_params(hidden_size)},) for "
-            f"hidden size {hidden_size}."
-        )
-    parts = _split_sizes(hidden_size)
-    out, i = [], 0
-    for shape in parts:
-        k = int(np.prod(shape))
-        out.append(vec[i : i + k].reshape(shape))
-        i += k
+    out = _split(vec, hidden_size, np)
     kw = {}
     if like is not None:
         kw = dict(beta=like.beta, eps=like.eps)
@@ -81,22 +70,42 @@ def unflatten(vec, hidden_size: int, like: cell_lib.LSTMWeights | None = None, m
         out_kernel=out[3],
         out_bias=float(out[4][0]),
         metadata=dict(metadata or {}),
+        tensor_kernel=out[5] if len(out) > 5 else None,
         **kw,
     )
 
 
-def _split_sizes(h):
-    return [(len(cell_lib.FEATURES), 4 * h), (h, 4 * h), (4 * h,), (h,), (1,)]
+def _split_sizes(h, conditioned: bool = False):
+    sizes = [(len(cell_lib.FEATURES), 4 * h), (h, 4 * h), (4 * h,), (h,), (1,)]
+    if conditioned:
+        sizes.append(conditioning.zeros(h).shape)
+    return sizes
+
+
+def _split(vec, hidden_size: int, lib):
+    """The parts of a flat vector (NumPy or TF); its length tells whether it is conditioned."""
+    n = int(vec.shape[0])
+    for conditioned in (False, True):
+        if n == num_params(hidden_size, conditioned):
+            break
+    else:
+        raise ValueError(
+            f"`vec` has shape {tuple(vec.shape)}, expected ({num_params(hidden_size)},) or "
+            f"({num_params(hidden_size, True)},) for hidden size {hidden_size}."
+        )
+    parts, i = [], 0
+    for shape in _split_sizes(hidden_size, conditioned):
+        k = int(np.prod(shape))
+        parts.append(lib.reshape(vec[i : i + k], shape))
+        i += k
+    return parts
 
 
 def cell_from_vector(vec: tf.Tensor, hidden_size: int) -> cell_lib.CellTensors:
     """:class:`kflip.cell.CellTensors` from a flat float32 tensor (traceable)."""
-    parts, i = [], 0
-    for shape in _split_sizes(hidden_size):
-        k = int(np.prod(shape))
-        parts.append(tf.reshape(vec[i : i + k], shape))
-        i += k
-    return cell_lib.CellTensors(parts[0], parts[1], parts[2], parts[3], parts[4][0])
+    parts = _split(vec, hidden_size, tf)
+    tk = parts[5] if len(parts) > 5 else None
+    return cell_lib.CellTensors(parts[0], parts[1], parts[2], parts[3], parts[4][0], tk)
 
 
 # ---- the compiled inner loop -------------------------------------------------------
@@ -200,12 +209,14 @@ def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float, buc
 _UNROLLS: dict = {}
 
 
-def get_unroll(family_name: str, hidden_size: int, beta: float, eps: float, bucketed: bool = False):
-    """:func:`make_unroll`, cached per process (XLA compiles once per family/shape)."""
+def get_unroll(family_name: str, hidden_size: int, beta: float, eps: float, bucketed: bool = False,
+               conditioned: bool = False):
+    """:func:`make_unroll`, cached per process (XLA compiles once per family/shape);
+    ``conditioned`` rules (longer vectors) get their own function."""
     key = (family_name, int(hidden_size), float(beta), float(eps), bool(bucketed))
-    if key not in _UNROLLS:
-        _UNROLLS[key] = make_unroll(*key)
-    return _UNROLLS[key]
+    if key + (bool(conditioned),) not in _UNROLLS:
+        _UNROLLS[key + (bool(conditioned),)] = make_unroll(*key)
+    return _UNROLLS[key + (bool(conditioned),)]
 
 
 class Evaluator:
@@ -217,7 +228,8 @@ class Evaluator:
         self.eps = eps
 
     def __call__(self, vec, task: Task, bucketed: bool = False) -> dict:
-        fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps, bucketed)
+        conditioned = len(vec) == num_params(self.hidden_size, True)
+        fn = get_unroll(task.family, self.hidden_size, self.beta, self.eps, bucketed, conditioned)
         r = fn(tf.constant(np.asarray(vec, np.float32)), *task.unroll_args(bucketed))
         meta = float(r.meta_loss)
         if not math.isfinite(meta):
