@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Pages whose every ```python block is a complete program: every page that has
 # ```python blocks (docs/benchmarks.md has none). Signatures and recipes that need
 # other machines or data are fenced as ```text instead.
-RUNNABLE_PAGES = ["README.md", "docs/bop2nd.md", "docs/cli.md", "docs/deployment.md", "docs/fliplstm.md",
+RUNNABLE_PAGES = ["README.md", "docs/bop2nd.md", "docs/cli.md", "docs/deployment.md", "docs/fliplstm.md", "docs/suite.md",
                   "docs/greedy.md", "docs/meta.md"]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 

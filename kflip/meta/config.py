@@ -67,7 +67,7 @@ class MetaConfig:
     families: tuple[str, ...] = _opt(
         ("mlp784-256-256",), f"architecture families to sample, of {sorted(tasks.FAMILIES)}"
     )
-    family_weights: tuple[float, ...] = _opt((1.0,), "sampling probabilities of families")
+    family_weights: tuple[float, ...] = _opt((), "sampling probabilities of families (empty: uniform)")
     datasets: tuple[str, ...] = _opt(
         tasks.DATASETS, f"dataset variants to sample, of {list(tasks.DATASETS)}"
     )
@@ -126,7 +126,7 @@ class MetaConfig:
                 raise ValueError(f"`{name}` must not be empty.")
             for value in getattr(self, name):
                 tasks.check_choice(name, value, known)
-        weights = tuple(float(w) for w in self.family_weights)
+        weights = tuple(float(w) for w in self.family_weights) or (1.0,) * len(self.families)
         object.__setattr__(self, "family_weights", weights)
         if len(weights) != len(self.families) or not all(
             w >= 0 and np.isfinite(w) for w in weights
