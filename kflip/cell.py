@@ -365,10 +365,9 @@ def lstm_cell(
     ``gate_offsets`` (``[4H]``, added to the gate biases) and ``out_scale`` (times the
     read-out bias) are the per-tensor conditioning (:mod:`kflip.conditioning`).
 
-    The products with the tiny weight matrices are written out as scalar
-    multiply-adds on parameter-shaped tensors (F and H are small and static), so XLA
-    fuses the whole cell into one elementwise loop over contiguous memory instead of
-    launching dots with inner dimension 1 or 2 or slicing interleaved gate blocks.
+    The products with the tiny weight matrices are scalar multiply-adds on
+    parameter-shaped tensors (F and H are small and static): XLA fuses the cell into
+    one elementwise loop instead of dots with inner dimension 1 or 2.
 
     Example (the Bop cell with threshold 0 flips where ``theta * g > 0``):
       >>> import kflip
