@@ -67,6 +67,7 @@ class IncrementalEvaluator:
         self._init = net.jit(self._init_impl)
         self._grad = net.jit(self._grad_impl)
         self._update_t = net.jit(lambda Z, A: (to_front(Z), to_front(A)))
+        self._update_table = net.jit(self._update_table_impl)
         self._rows_fns = {}
         self._table_fns = {}
         self.table = False
@@ -204,13 +205,24 @@ class IncrementalEvaluator:
         as the pair path computes a changed pair (new - old = -a - a)."""
         a = tf.gather(A, ids)  # (K, C)
         k, c = int(a.shape[0]), int(a.shape[1])
-        d = tf.reshape(-a - a, [-1])
-        ck = tf.tile(tf.range(c), [k])
+        zrows = tf.gather(Zn, ids)[:, None, :] + (-a - a)[:, :, None] * self.next.kernel()[None]
         nk = tf.repeat(ids, c)
-        zrows = tf.gather(Zn, nk) + self._contrib(d, ck)
-        lnew = self.net.per_example_loss(self._rest_loss(zrows), tf.gather(self.y, nk))
+        lnew = self.net.per_example_loss(self._rest_loss(tf.reshape(zrows, [k * c, -1])),
+                                         tf.gather(self.y, nk))
         dk = tf.cast(lnew, tf.float64) - tf.gather(tf.cast(L, tf.float64), nk)
-        return tf.tensor_scatter_nd_update(Dt, tf.stack([ck, nk], -1), dk)
+        return tf.tensor_scatter_nd_update(Dt, tf.stack([tf.tile(tf.range(c), [k]), nk], -1), dk)
+
+    def _update_table_impl(self, P, Z, A, Zn, L, Wm, Zt, At, c, ff, mm):
+        """:meth:`_update_impl` and the transposed caches' row ``c``; ``rows`` (N,) marks
+        the examples whose table column is stale (boundary, next pre-activation or loss
+        changed)."""
+        Wm, Z2, A2, Zn2, L2 = self._update_impl(P, Z, A, Zn, Wm, c, ff, mm)
+        sel = tf.equal(tf.range(int(At.shape[0])), c)[:, None]
+        Zt = tf.where(sel, tf.gather(Z2, c, axis=1)[None], Zt)
+        At = tf.where(sel, tf.gather(A2, c, axis=1)[None], At)
+        rows = (tf.not_equal(tf.gather(A, c, axis=1), tf.gather(A2, c, axis=1))
+                | tf.reduce_any(tf.not_equal(Zn, Zn2), axis=1) | tf.not_equal(L, L2))
+        return (Wm, Z2, A2, Zn2, L2), Zt, At, rows
 
     def _update_impl(self, P, Z, A, Zn, Wm, c, ff, mm):
         g = int(ff.shape[0])
@@ -266,26 +278,19 @@ class IncrementalEvaluator:
         return max(1, min(self.n, 2**24 // (int(self.A.shape[1]) * width)))
 
     def _refresh_rows(self, ids):
-        """Recompute the table columns of examples ``ids`` (host int32 array)."""
+        """Recompute the table columns of examples ``ids`` (host int32 array), in calls of
+        a few compiled sizes (8, 32 or the chunk), padded by repeating the last id."""
         big = self._row_chunk()
-        k = min(big, 32) if len(ids) <= min(big, 32) else big
-        if k not in self._rows_fns:
-            self._rows_fns[k] = self.net.jit(self._table_rows_impl)
-        for i in range(0, len(ids), k):
+        sizes = sorted({min(big, 8), min(big, 32), big})
+        i = 0
+        while i < len(ids):
+            k = next(v for v in sizes if v >= min(len(ids) - i, big))
+            if k not in self._rows_fns:
+                self._rows_fns[k] = self.net.jit(self._table_rows_impl)
             chunk = ids[i:i + k]
             chunk = np.concatenate([chunk, np.full(k - len(chunk), chunk[-1], np.int32)])
             self.Dt = self._rows_fns[k](self.A, self.Zn, self.L, self.Dt, chunk, params=self.params)
-
-    def _commit_table(self, A_old, Zn_old, L_old):
-        """After a state change: the transposed caches and the table rows of every example
-        whose boundary, next pre-activation or loss changed."""
-        At_old = self.At
-        self.Zt, self.At = self._update_t(self.Z, self.A, params=self.params)
-        ch = (tf.reduce_any(At_old != self.At, axis=0) | tf.reduce_any(Zn_old != self.Zn, axis=1)
-              | (L_old != self.L))
-        rows = np.flatnonzero(ch.numpy()).astype(np.int32)
-        if rows.size:
-            self._refresh_rows(rows)
+            i += k
 
     def _evaluate_table(self, cc, ff, mm):
         """The table path of :meth:`evaluate`; None if it does not apply (then never again)."""
@@ -363,12 +368,21 @@ class IncrementalEvaluator:
         return self._update(self.P, self.Z, self.A, self.Zn, self.Wm, c, ff, mm, params=self.params)
 
     def commit(self, state):
-        old = self.A, self.Zn, self.L
         self.Wm, self.Z, self.A, self.Zn, self.L = state
-        if self.table:
-            self._commit_table(*old)
+        if self.table:  # a state from elsewhere: rebuild the table
+            self._start_table()
 
     def accept(self, c, ff, mm):
         """Flip (c, ff[mm > 0]) in the cached state; returns the new flat kernel."""
-        self.commit(self.apply(tf.constant(c, tf.int32), tf.constant(ff), tf.constant(mm)))
+        c, ff, mm = tf.constant(c, tf.int32), tf.constant(ff), tf.constant(mm)
+        if not self.table:
+            self.commit(self.apply(c, ff, mm))
+            return self.Wm
+        state, self.Zt, self.At, rows = self._update_table(
+            self.P, self.Z, self.A, self.Zn, self.L, self.Wm, self.Zt, self.At, c, ff, mm,
+            params=self.params)
+        self.Wm, self.Z, self.A, self.Zn, self.L = state
+        rows = np.flatnonzero(rows.numpy()).astype(np.int32)
+        if rows.size:
+            self._refresh_rows(rows)
         return self.Wm
