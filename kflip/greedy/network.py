@@ -7,6 +7,7 @@ from kflip import _keras
 _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
+from kflip._tracing import Traced  # noqa: E402
 from kflip.greedy import lowering, ops  # noqa: E402
 
 # order="gradient" ranks candidates by the gradient on the first this many probe examples
@@ -151,19 +152,6 @@ class Network:
         return -tf.math.log(tf.clip_by_value(picked, eps, 1 - eps))
 
 
-class _Traced:
-    """``fn`` as a callable object: tf.function keys its retracing statistics on a
-    function's code, so kernels made from the same code (one per layer, block size and
-    capacity, each traced once) would read as one function retraced on every call and
-    log TensorFlow's retracing warning; an object is its own key."""
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, params):
-        return self.fn(*args, params=params)
-
-
 class Kernel:
     """An XLA-compiled search kernel whose model variables are passed in as tensors.
 
@@ -179,7 +167,7 @@ class Kernel:
             with ops.bind(variables, params):
                 return fn(*args)
 
-        self.function = tf.function(_Traced(kernel), jit_compile=True, autograph=False)
+        self.function = tf.function(Traced(kernel), jit_compile=True, autograph=False)
 
     def _params(self, params):
         return self.net.values() if params is None else params

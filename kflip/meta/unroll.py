@@ -29,6 +29,7 @@ _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
 
 from kflip import cell as cell_lib  # noqa: E402
+from kflip._tracing import Traced  # noqa: E402
 from kflip import conditioning  # noqa: E402
 from kflip.adam import Adam, AdamState  # noqa: E402
 from kflip.meta import tasks  # noqa: E402
@@ -196,14 +197,13 @@ def make_unroll(family_name: str, hidden_size: int, beta: float, eps: float, buc
         return _result(family, s, horizon, n_weights, x_held_out, y_held_out)
 
     if bucketed:
-        return tf.function(run, jit_compile=True, reduce_retracing=True)
+        return tf.function(Traced(run), jit_compile=True, reduce_retracing=True)
 
-    @tf.function(jit_compile=True, reduce_retracing=True)
     def unroll(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels):
         return run(cell_vec, x_train, y_train, x_held_out, y_held_out, batches, kernels,
                    tf.shape(batches)[0])
 
-    return unroll
+    return tf.function(Traced(unroll), jit_compile=True, reduce_retracing=True)
 
 
 _UNROLLS: dict = {}
