@@ -137,7 +137,9 @@ def test_meta_training_vector_carries_the_conditioning():
     np.testing.assert_array_equal(back.tensor_kernel, w.tensor_kernel)
     cfg = MetaConfig(tensor_features=True)
     mask = meta_config.trainable_mask(cfg)
-    assert len(mask) == unroll.num_params(1, True) and mask[-20:].all()
+    assert len(mask) == unroll.num_params(1, True)
+    block = mask[-20:].reshape(4, 5)  # features x (input, forget, candidate, output, threshold)
+    assert block[:, [0, 1, 3, 4]].all() and not block[:, 2].any()  # no candidate drive
     x0 = unroll.flatten(meta_config.initial_weights(cfg), True)
     scales = meta_config.coordinate_scales(x0, cfg.zero_scale, cfg.tensor_scale, 1)
     assert np.all(scales[-20:] == cfg.tensor_scale)

@@ -25,6 +25,7 @@ import numpy as np
 
 from kflip import _checks as checks
 from kflip import cell as cell_lib
+from kflip import conditioning
 from kflip.meta import tasks
 from kflip.meta import unroll
 
@@ -225,6 +226,12 @@ def trainable_mask(config: MetaConfig) -> np.ndarray:
     if not config.train_gate_inputs:  # only the candidate reads the features
         cand = cell_lib.GATES.index("candidate")
         kernel[:, [g for g in range(len(cell_lib.GATES)) if g != cand]] = 0.0
+    if config.tensor_features:  # the per-tensor block sets gates and threshold, not the
+        # candidate: a per-tensor candidate offset is a drive that, at the scale of the
+        # gates, outweighs every gradient and flips all weights or none
+        cond = mask[unroll.num_params(h):].reshape(len(conditioning.TENSOR_FEATURES), 4 * h + 1)
+        cand = cell_lib.GATES.index("candidate")
+        cond[:, cand * h : (cand + 1) * h] = 0.0
     return mask
 
 

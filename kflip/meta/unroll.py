@@ -86,10 +86,8 @@ def _split_sizes(h, conditioned: bool = False):
 def _split(vec, hidden_size: int, lib):
     """The parts of a flat vector (NumPy or TF); its length tells whether it is conditioned."""
     n = int(vec.shape[0])
-    for conditioned in (False, True):
-        if n == num_params(hidden_size, conditioned):
-            break
-    else:
+    conditioned = n == num_params(hidden_size, True)
+    if not conditioned and n != num_params(hidden_size):
         raise ValueError(
             f"`vec` has shape {tuple(vec.shape)}, expected ({num_params(hidden_size)},) or "
             f"({num_params(hidden_size, True)},) for hidden size {hidden_size}."
