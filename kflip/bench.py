@@ -64,6 +64,8 @@ MODEL_OPTIONS = {"mlp": ("hidden",), "cnn": ("filters", "dense"), "binarynet": (
 # Settings of the no-argument `kflip bench` / `kflip train` on the embedded dataset.
 DIGITS_DEFAULTS = dict(epochs=10, model_options={"hidden": (256, 256)})
 DEFAULT_EPOCHS = 6
+# Models whose BatchNorm statistics are re-estimated before every test evaluation.
+RECALIBRATED_MODELS = ("resnet",)
 
 
 # ---------------------------------------------------------------------------------
@@ -252,7 +254,9 @@ class TestCurve(tf.keras.callbacks.Callback):
     Uses :func:`make_evaluator` (XLA, inference mode, Keras metrics untouched).
     ``curve`` gets ``{"step", "test_accuracy", "test_loss"}`` at step 0, every
     ``every_n_steps`` steps and at every epoch end (whose logs also get
-    ``test_accuracy``/``test_loss``, so they reach History and TensorBoard).
+    ``test_accuracy``/``test_loss``, so they reach History and TensorBoard). With
+    ``recalibrate_x``, each evaluation first re-estimates the BatchNorm statistics on it
+    (:func:`kflip.models.recalibrate_batchnorm`; training itself is unaffected).
 
     Example:
       >>> import kflip
@@ -267,8 +271,9 @@ class TestCurve(tf.keras.callbacks.Callback):
       ([0, 1, 2], True)
     """
 
-    def __init__(self, x, y, every_n_steps: int, batch_size: int = 1000):
+    def __init__(self, x, y, every_n_steps: int, batch_size: int = 1000, recalibrate_x=None):
         super().__init__()
+        self.recalibrate_x = recalibrate_x
         _check_positive_int("every_n_steps", every_n_steps)
         _check_positive_int("batch_size", batch_size)
         self.x, self.y = np.asarray(x), np.asarray(y)
@@ -282,6 +287,8 @@ class TestCurve(tf.keras.callbacks.Callback):
         """(test accuracy, test loss) of the model now."""
         if self._evaluate is None:
             self._evaluate = make_evaluator(self.model, self.batch_size)
+        if self.recalibrate_x is not None:
+            models_lib.recalibrate_batchnorm(self.model, self.recalibrate_x)
         return self._evaluate(self.x, self.y)
 
     def _record(self):
@@ -674,7 +681,10 @@ def _run(
         jit_compile=True,
     )
     timer = StepTimer()
-    curve = TestCurve(ds.x_test, ds.y_test, eval_every)
+    recalibrate_x = None
+    if model in RECALIBRATED_MODELS:  # a fixed shuffled subset of the training images
+        recalibrate_x = ds.x_train[np.random.default_rng(0).permutation(len(ds.x_train))[:6400]]
+    curve = TestCurve(ds.x_test, ds.y_test, eval_every, recalibrate_x=recalibrate_x)
     counter = SignFlipCounter(eval_every)
     callbacks = [timer, curve, counter]
     if isinstance(opt, FlipLSTM):
