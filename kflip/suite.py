@@ -251,7 +251,8 @@ def train_run(ds, model: ModelSpec, spec: OptSpec, *, steps: int, seed: int,
     net.compile(optimizer=make_optimizer(spec, lstm_weights),
                 loss="sparse_categorical_crossentropy", jit_compile=True)
     timer = bench.StepTimer()
-    curve = bench.TestCurve(ds.x_test, ds.y_test, every_n_steps=math.ceil(steps / evals))
+    curve = bench.TestCurve(ds.x_test, ds.y_test, every_n_steps=math.ceil(steps / evals),
+                            recalibrate_x=bench.recalibration_data(model.builder, ds))
     net.fit(_batches(ds, batch_size, seed), epochs=1, steps_per_epoch=steps, verbose=0,
             callbacks=[timer, curve])
     step_s = timer.steady_state_seconds()
