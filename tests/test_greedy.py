@@ -517,3 +517,23 @@ def test_no_retracing_warning(probe, caplog):
         greedy.greedy_flip(residual_net(seed=4), x, y, probe_size=None, max_candidates=40,
                            time_budget=None, verbose=0)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def test_memory_budget_cuts_the_probe_of_a_large_model(digits):
+    from kflip.greedy import probe as probe_lib
+    from kflip.greedy.network import Network
+
+    model = kflip.models.resnet(input_shape=(8, 8, 1))
+    kflip.snap_binary_weights(model)
+    net = Network(model, "sparse_categorical_crossentropy", None)
+    per = probe_lib.bytes_per_example(net, [i for i in net.linear if net.ops[i].binary])
+    assert per > 4 * 8 * 8 * 16  # at least the residual stream
+    budget = 300 * per / 2**30  # room for 300 examples
+    report = kflip.greedy_flip(model, digits.x_train, digits.y_train, memory_budget=budget,
+                               max_candidates=4, verbose=0)
+    assert report.probe_size == 300
+    full = kflip.greedy_flip(model, digits.x_train, digits.y_train, memory_budget=None,
+                             max_candidates=4, verbose=0)
+    assert full.probe_size == len(digits.x_train)
+    with pytest.raises(ValueError, match="memory_budget"):
+        kflip.greedy_flip(model, digits.x_train, digits.y_train, memory_budget=0)

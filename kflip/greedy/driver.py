@@ -76,7 +76,11 @@ def _prepare(model, x, y, options):
     if not chosen:
         raise ValueError("`model` has no binary (precision 1) QuantDense/QuantConv2D kernels.")
     probe_lib.check_kernels(net, chosen)
-    (xp, yp), held = probe_lib.probe_sets(x, y, options.probe_size, options.holdout, options.probe_seed)
+    size = options.probe_size
+    cap = probe_lib.max_examples(probe_lib.bytes_per_example(net, chosen), options.memory_budget)
+    if cap is not None:
+        size = cap if size is None else min(size, cap)
+    (xp, yp), held = probe_lib.probe_sets(x, y, size, options.holdout, options.probe_seed)
     expected = tuple(model.input_shape[1:])
     if tuple(xp.shape[1:]) != expected:
         raise ValueError(f"`x` examples have shape {tuple(xp.shape[1:])}, the model expects {expected}.")

@@ -42,6 +42,12 @@ class GreedyOptions:
       probe_size: probe examples (a fixed random subset chosen by ``probe_seed``;
         None: all).
       probe_seed: seed of the probe subset.
+      memory_budget: GiB the search's caches may take: the probe is cut to as many
+        examples as fit by :func:`kflip.greedy.probe.bytes_per_example` (convolutions
+        cache im2col patches and a residual layer's search re-runs the rest of the
+        network on copies of its activations; 16,384 examples of kflip's residual net
+        needed 22 GB). The default keeps the MLP's and the larq CNN's 16,384 and gives
+        the residual net 10,474. None: no cut.
       calibrate: before each layer's search, fit the temperature of the probe
         cross-entropy (one scalar on the logits, :mod:`kflip.greedy.calibrate`), so that
         flips are not kept for making the model as a whole more confident (the
@@ -88,6 +94,7 @@ class GreedyOptions:
 
     probe_size: int | None = 16384
     probe_seed: int = 0
+    memory_budget: float | None = 12.0
     calibrate: bool = True
     holdout: int | None = None
     layers: Any = None
@@ -126,6 +133,7 @@ class GreedyOptions:
             raise ValueError(
                 f"`group_size` must be <= {MAX_EXHAUSTIVE} with exhaustive=True, got {self.group_size}."
             )
+        _check_positive("memory_budget", self.memory_budget)
         _check_positive("max_seconds", self.max_seconds)
         _check_positive("time_budget", self.time_budget)
         if isinstance(self.min_delta, bool) or not (

@@ -110,3 +110,37 @@ def check_kernels(net, chosen) -> None:
                 f"`model`: the kernel quantizer of layer {lin.name!r} does not map +-1 to "
                 "itself; greedy search needs a sign-like quantizer (e.g. 'ste_sign')."
             )
+
+
+def bytes_per_example(net, chosen) -> int:
+    """An estimate of the search's cache bytes per probe example: twice every layer's
+    output (forward caches and the ranking gradient) plus, for the largest searched
+    layer, twice its im2col patches (``positions x fan_in``) and its output.
+
+    >>> import kflip
+    >>> from kflip.greedy.network import Network
+    >>> model = kflip.models.mlp(input_shape=(8, 8, 1), hidden=(16,))
+    >>> net = Network(model, "sparse_categorical_crossentropy", None)
+    >>> bytes_per_example(net, net.linear) > 4 * 64  # at least the input patches
+    True
+    """
+    acts = sum(int(np.prod(layer.output_shape[1:])) for layer in net.model.layers
+               if not isinstance(layer.output_shape, list))
+    largest = 0
+    for i in chosen:
+        op = net.ops[i]
+        out = op.layer.output_shape[1:]
+        positions = int(np.prod(out[:-1])) if len(out) > 1 else 1
+        largest = max(largest, positions * (op.fan_in + int(out[-1])))
+    return 4 * 2 * (acts + largest)
+
+
+def max_examples(per_example: int, memory_budget) -> int | None:
+    """The most probe examples that fit ``memory_budget`` GiB (at least 64; None: any).
+
+    >>> max_examples(2**20, 8.0), max_examples(2**20, None)
+    (8192, None)
+    """
+    if memory_budget is None:
+        return None
+    return max(64, int(memory_budget * 2**30 // max(per_example, 1)))
