@@ -47,7 +47,7 @@ class GreedyOptions:
         cache im2col patches and a residual layer's search re-runs the rest of the
         network on copies of its activations; 16,384 examples of kflip's residual net
         needed 22 GB). The default keeps the MLP's and the larq CNN's 16,384 and gives
-        the residual net 10,474. None: no cut.
+        the residual net 6,547. None: no cut.
       calibrate: before each layer's search, fit the temperature of the probe
         cross-entropy (one scalar on the logits, :mod:`kflip.greedy.calibrate`), so that
         flips are not kept for making the model as a whole more confident (the
