@@ -1,25 +1,19 @@
 """The task suite (``kflip bench --suite``): FlipLSTM against its baselines, cell by cell.
 
-A *cell* is one model trained for one exact number of steps (batch 64 by default):
-models :data:`MODELS` x lengths :data:`LENGTHS`. In every cell each optimizer of
-:data:`OPTIMIZERS` trains on the same seeds (a seed fixes the initial weights and the
-data order, so runs are paired); the test set is evaluated ``evals`` times along the
-way and at the end. The ``*-tuned`` baselines pick their hyper-parameters per cell
-from a small grid, trained on seed 0 with the last 10% (at most 5,000) training
-examples held out as a validation set; the best point then runs on every seed
-against the real test set. Cells with ``held_out`` (every ``resnet`` and
-``mlp784-256-10`` cell) are reported apart: keep them out of every decision about
-FlipLSTM (its weights, features, defaults) so they stay an honest test.
+A *cell* is one model trained for one exact number of steps: :data:`MODELS` x
+:data:`LENGTHS`. In every cell each optimizer of :data:`OPTIMIZERS` trains on the same
+seeds (paired runs); the test set is evaluated ``evals`` times along the way. The
+``*-tuned`` baselines pick their hyper-parameters per cell from a small grid on seed 0
+with the last 10% (at most 5,000) training examples as a validation set, then run on
+every seed. ``held_out`` cells (every ``resnet`` and ``mlp784-256-10`` cell) are
+reported apart: keep them out of every decision about FlipLSTM.
 
-Per cell: mean +- std test accuracy per optimizer; FlipLSTM minus the best baseline
-(by mean) as a paired difference with its 95% t-interval (:mod:`kflip.stats`) and
-the verdict (win: interval above 0, loss: below, else tie); and the speed-up: the
-fraction of its steps FlipLSTM needs to first reach that baseline's final mean
-accuracy on its mean test curve (linear between evaluations; None if never).
-
-Outputs in ``output_dir``: ``results.json`` (every run, rewritten atomically after
-each one; a rerun skips the runs it already holds), ``suite.md`` and ``heatmap.png``.
-Models, optimizers, the test curve and the step timer come from :mod:`kflip.bench`.
+Per cell: mean +- std per optimizer; FlipLSTM minus the best baseline as a paired
+difference with its 95% t-interval (:mod:`kflip.stats`) and the verdict (win: interval
+above 0, loss: below, else tie); the speed-up: the fraction of its steps FlipLSTM needs
+to reach that baseline's final mean accuracy on its mean test curve (None if never).
+Outputs in ``output_dir``: ``results.json`` (rewritten atomically after each run; a
+rerun skips the runs it holds), ``suite.md`` and ``heatmap.png``.
 """
 
 from __future__ import annotations
@@ -258,6 +252,7 @@ def train_run(ds, model: ModelSpec, spec: OptSpec, *, steps: int, seed: int,
     step_s = timer.steady_state_seconds()
     return {
         "test_accuracy": curve.curve[-1]["test_accuracy"],
+        "test_loss": curve.curve[-1]["test_loss"],
         "curve": [[p["step"], p["test_accuracy"]] for p in curve.curve],
         "step_ms": None if step_s is None else 1e3 * step_s,
         "wall_seconds": time.perf_counter() - t0,
@@ -438,10 +433,20 @@ def _run(ctx: _Context, cell: Cell, spec: OptSpec, seed: int, split: str) -> dic
 
 def _tune(ctx: _Context, cell: Cell, kind: str) -> tuple:
     """(best OptSpec, [(OptSpec, validation accuracy)]) on the first seed."""
-    scores = [(spec, _run(ctx, cell, spec, cell.seeds[0], "val")["test_accuracy"])
-              for spec in tuning_grid(ctx.options, kind)]
-    best = max(scores, key=lambda s: s[1])[0]  # the first of equals, in grid order
-    return best, scores
+    runs = [(spec, _run(ctx, cell, spec, cell.seeds[0], "val"))
+            for spec in tuning_grid(ctx.options, kind)]
+    return best_point(runs), [(spec, r["test_accuracy"]) for spec, r in runs]
+
+
+def best_point(runs):
+    """The spec of the highest validation accuracy; ties (digits' 143 validation images
+    score many points alike) go to the lower loss, then to the first in grid order.
+
+    >>> best_point([("a", {"test_accuracy": 1.0, "test_loss": 0.2}),
+    ...             ("b", {"test_accuracy": 1.0, "test_loss": 0.1})])
+    'b'
+    """
+    return max(runs, key=lambda r: (r[1]["test_accuracy"], -r[1].get("test_loss", np.inf)))[0]
 
 
 def run_cell(ctx: _Context, cell: Cell) -> CellResult:
