@@ -387,9 +387,7 @@ def lstm_cell(
 
     def gate(g, k):
         col = g * hidden + k
-        z = _coef(cell.bias, col)
-        if gate_offsets is not None:
-            z = z + gate_offsets[col]
+        z = _coef(cell.bias, col) + (0.0 if gate_offsets is None else gate_offsets[col])
         for f, x in enumerate(features):
             z = _madd(z, x, _coef(cell.kernel, f, col))
         for j, hj in enumerate(hs):
@@ -399,9 +397,8 @@ def lstm_cell(
             z = _madd(z, hj, w)
         return z
 
-    h_list, c_list, y = [], [], _coef(cell.out_bias)
-    if out_scale is not None:
-        y = y * out_scale
+    h_list, c_list = [], []
+    y = _coef(cell.out_bias) * (1.0 if out_scale is None else out_scale)
     for k in range(hidden):
         i = _sigmoid(gate(0, k))
         fg = _sigmoid(gate(1, k))

@@ -143,19 +143,11 @@ def resnet(input_shape=(28, 28, 1), num_classes: int = 10, filters=(32, 64), blo
     its BatchNorms themselves keep the last training batch's statistics
     (``momentum=0``), which describe the weights before the last step's update. The
     training step, which normalizes with batch statistics, is unaffected by either.
-    Measured (FlipLSTM, 2 epochs on 20,000 MNIST images, seeds 0/1/2): training-mode
-    test accuracy (batch statistics of 64 test images) 94.5/94.3/94.1%; inference mode
-    with the last batch's statistics 73.9/90.9/89.7% (momentum 0.9: 68.2%, seed 0);
-    after re-estimating on 100 batches of 64 training images 94.7/94.0/93.7% (10
-    batches: 95.1/94.3/93.9%; one fresh batch of 64 already gives 93.8/93.4/94.3%, of 32
-    93.2/92.7/93.3%, so the stale weights matter far more than the last batch's size). So the
-    gap is stale statistics, not the architecture: a per-channel BN before each sign
-    (a learnable threshold, as RSign), learnable BN scales, or a BN after the pooled
-    features all trained to the same accuracy (94.0/94.2/94.0% in training mode, seed 0)
-    and needed the re-estimation as much. With it (``kflip train``, FlipLSTM, batch 64):
-    MNIST 6 epochs 96.64/97.03/96.50% (seeds 0/1/2; before: 94.92/63.03% for seeds 0/1),
-    though single evaluations during training still dip (85.8% at epoch 4, seed 0);
-    digits 10 epochs 98.33/98.05% (seeds 0/1; before: 97.21%).
+    Measured: the inference-mode gap was stale statistics, not the architecture (a BN
+    before each sign, learnable BN scales or a BN after the pooling needed the
+    re-estimation as much); with it, MNIST 6 epochs of FlipLSTM 96.64/97.03/96.50%
+    (seeds 0/1/2; before: 94.92/63.03% for seeds 0/1), digits 10 epochs 98.33/98.05%
+    (docs/benchmarks.md has the experiments).
 
     Example:
       >>> import kflip
