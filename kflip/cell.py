@@ -514,9 +514,15 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     no_overflow = tf.math.is_finite(mean_sq)
     finite = tf.logical_and(finite, no_overflow)
     v_new = tf.where(no_overflow, beta * v + (1.0 - beta) * mean_sq, v)
-    v_hat = v_new / (1.0 - tf.pow(tf.constant(beta, g.dtype), tf.cast(step, g.dtype)))
+    v_hat = bias_corrected(v_new, beta, step)
     tg = theta * g
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
+
+
+def bias_corrected(v, beta: float, step):
+    """``v / (1 - beta**step)``: the moving average ``v`` after ``step`` (1-based) updates,
+    without its bias towards the zero it started from."""
+    return v / (1.0 - tf.pow(tf.constant(beta, v.dtype), tf.cast(step, v.dtype)))
 
 
 def sign_pm1(x):

@@ -12,6 +12,7 @@ import weakref
 
 import numpy as np
 
+from kflip import _checks as checks
 from kflip import _keras
 
 _keras.select_keras2()
@@ -245,11 +246,8 @@ def recalibrate_batchnorm(model: tf.keras.Model, x, batch_size: int = 64, batche
     References:
       - [Wu & Johnson, 2021. Rethinking "Batch" in BatchNorm](https://arxiv.org/abs/2105.07576)
     """
-    for name, value in (("batch_size", batch_size), ("batches", batches)):
-        if value is None and name == "batches":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    batch_size = checks.positive_int("batch_size", batch_size)
+    batches = None if batches is None else checks.positive_int("batches", batches)
     x = np.asarray(x)
     if not len(x):
         raise ValueError("`x` must hold at least one example.")

@@ -185,7 +185,7 @@ class FlipRule:
         if not self.conditioned:
             y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c)
             return y, _One(None, h_new, c_new, v_new, old.flips), finite
-        v_hat = v_new / (1.0 - tf.pow(tf.constant(self.beta, theta.dtype), step))
+        v_hat = cell_lib.bias_corrected(v_new, self.beta, step)
         phi, v_slow = conditioning.features(theta, old.tensor, v_hat, step, self.eps)
         gate_offsets, out_scale = conditioning.offsets(self.cell.tensor_kernel, phi)
         y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c, gate_offsets, out_scale)
