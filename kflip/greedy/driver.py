@@ -14,6 +14,7 @@ import tensorflow as tf  # noqa: E402
 from kflip.greedy import probe as probe_lib  # noqa: E402
 from kflip.greedy.calibrate import Calibrator  # noqa: E402
 from kflip.greedy.evaluators import NaiveEvaluator  # noqa: E402
+from kflip.greedy.head import HeadEvaluator  # noqa: E402
 from kflip.greedy.incremental import IncrementalEvaluator  # noqa: E402
 from kflip.greedy.network import Network  # noqa: E402
 from kflip.greedy.ops import sum64  # noqa: E402
@@ -55,6 +56,8 @@ def make_evaluator(net: Network, p: int, x, y, options: GreedyOptions):
         return NaiveEvaluator(net, p, x, y)
     if IncrementalEvaluator.applies(net, p):
         return IncrementalEvaluator(net, p, x, y, options.pairs_per_block)
+    if HeadEvaluator.applies(net, p):
+        return HeadEvaluator(net, p, x, y)
     return SuffixEvaluator(net, p, x, y)
 
 
