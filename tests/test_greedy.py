@@ -244,6 +244,21 @@ def test_options_gradient_order_groups_budgets_and_backward(probe):
     assert list(zip(s[0][:3], s[1][:3, 0])) == [(0, 1), (0, 4), (1, 0)]
 
 
+def test_layers_the_time_budget_leaves_no_time_for_are_not_started(probe, monkeypatch):
+    x, y = probe
+    model = small_mlp(hidden=(12, 12), seed=8)
+    before = binary_values(model)
+    clock = [0.0]  # a clock that only the first block moves: 100 s, past the whole budget
+    monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
+    rep = greedy.greedy_flip(model, x, y, probe_size=64, time_budget=6.0, verbose=0,
+                             on_step=lambda event: clock.__setitem__(0, 100.0))
+    first, *rest = rep.layers
+    assert first.tried > 0 and first.stop_reason == "max_seconds" and len(rest) == 2
+    assert all(lr.stop_reason == "time_budget" and lr.tried == 0 and lr.seconds == 0.0 for lr in rest)
+    assert all(lr.loss_before == lr.loss_after == first.loss_after for lr in rest)
+    assert all(np.array_equal(a, b) for a, b in zip(binary_values(model)[1:], before[1:]))
+
+
 def test_dataset_input_matches_arrays(digits):
     x, y = digits.x_train[:100], digits.y_train[:100]
     a = small_mlp(hidden=(8,), seed=9)

@@ -20,7 +20,7 @@ from kflip.greedy.network import Network  # noqa: E402
 from kflip.greedy.ops import sum64  # noqa: E402
 from kflip.greedy.options import GreedyOptions  # noqa: E402
 from kflip.greedy.progress import Progress  # noqa: E402
-from kflip.greedy.report import GreedyReport  # noqa: E402
+from kflip.greedy.report import GreedyReport, LayerReport  # noqa: E402
 from kflip.greedy.search import search_layer  # noqa: E402
 from kflip.greedy.suffix import SuffixEvaluator  # noqa: E402
 
@@ -166,9 +166,12 @@ def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwa
     for pass_index in range(options.passes):
         pass_accepted = 0
         for k, p in enumerate(chosen):
+            deadline = _deadline(options, t0, time.perf_counter(), len(chosen) - k)
+            if reports and deadline is not None and time.perf_counter() >= deadline:
+                reports.append(_skipped(net.ops[p], pass_index, reports[-1].loss_after, options.group_size))
+                continue
             if p not in evaluators:
                 evaluators[p] = make_evaluator(net, p, xp, yp, options)
-            deadline = _deadline(options, t0, time.perf_counter(), len(chosen) - k)
             rep = _search(net, p, evaluators[p], pass_index, options, rng, deadline, progress,
                           calibrate, holdout)
             reports.append(rep)
@@ -178,6 +181,15 @@ def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwa
     report = _report(options, reports, xp, held, time.perf_counter() - t0)
     progress.done(report)
     return report
+
+
+def _skipped(lin, pass_index, loss, group_size):
+    """The report of a layer the time budget left no time for: not started (no caches
+    built, nothing tried), the probe loss carried over."""
+    return LayerReport(name=lin.name, pass_index=pass_index, candidates=-(-lin.fan_in // group_size) * lin.units,
+                       tried=0,
+                       accepted=0, flipped=0, loss_before=loss, loss_after=loss, seconds=0.0,
+                       stop_reason="time_budget")
 
 
 def _report(options, reports, xp, held, seconds) -> GreedyReport:

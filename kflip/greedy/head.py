@@ -69,7 +69,7 @@ class HeadEvaluator(SuffixEvaluator):
         self.walk, self.q = path
         out = net.ops[p].layer.output_shape
         per_candidate = max(int(np.prod(out[1:-1])) * 2, net.ops[self.q].units)
-        self.chunk = max(1, budget // max(1, self.n * per_candidate))
+        self.chunk = self.max_block = max(1, budget // max(1, self.n * per_candidate))
 
     @staticmethod
     def applies(net: Network, p: int) -> bool:

@@ -18,7 +18,7 @@ class LayerReport:
     loss_before: float
     loss_after: float
     seconds: float
-    stop_reason: str  # "done" | "max_candidates" | "max_seconds"
+    stop_reason: str  # "done" | "max_candidates" | "max_seconds" | "time_budget" (not started)
     flips: list = dataclasses.field(default_factory=list, repr=False)  # flat kernel indices
     holdout_before: float | None = None  # mean holdout loss before / after the layer's search
     holdout_after: float | None = None

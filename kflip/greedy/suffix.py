@@ -35,7 +35,6 @@ class SuffixEvaluator:
     """Cached prefix, batched suffix (an :class:`~kflip.greedy.evaluators.Evaluator`)."""
 
     exact_zero = False  # a flip elsewhere changes what this candidate does
-    max_block = None
 
     def __init__(self, net: Network, p: int, x, y, budget: int = SUFFIX_BUDGET):
         self.net, self.p, self.x, self.y = net, p, x, y
@@ -45,6 +44,7 @@ class SuffixEvaluator:
         self.keep = [j for j in net.frontier(p + 1) if j != p]
         width = max(int(np.prod(layer.output_shape[1:])) for layer in net.model.layers)
         self.chunk = max(1, budget // max(1, self.n * width))
+        self.max_block = self.chunk  # a block is one call: no candidate evaluated in vain
         self._init = net.jit(self._init_impl)
         self._update = net.jit(self._update_impl)
         self._grad = net.jit(self._grad_impl)
