@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -119,6 +120,38 @@ def _search(net, p, ev, pass_index, options, rng, deadline, progress, calibrate,
     return rep
 
 
+@dataclasses.dataclass
+class _Run:
+    """One ``greedy_flip`` call: what every layer search needs, and the reports so far."""
+
+    net: Network
+    options: GreedyOptions
+    x: tf.Tensor
+    y: tf.Tensor
+    t0: float
+    progress: Progress
+    rng: np.random.RandomState
+    calibrate: Calibrator | None
+    holdout: _Holdout | None
+    evaluators: dict = dataclasses.field(default_factory=dict)  # compiled, reused across passes
+    reports: list = dataclasses.field(default_factory=list)
+
+    def layer(self, p, left, pass_index):
+        """Search op ``p``'s kernel with its share of the time left (``left`` layers to go);
+        a layer with no time left is not started."""
+        options = self.options
+        deadline = _deadline(options, self.t0, time.perf_counter(), left)
+        if self.reports and deadline is not None and time.perf_counter() >= deadline:
+            rep = _skipped(self.net.ops[p], pass_index, self.reports[-1].loss_after, options.group_size)
+        else:
+            if p not in self.evaluators:
+                self.evaluators[p] = make_evaluator(self.net, p, self.x, self.y, options)
+            rep = _search(self.net, p, self.evaluators[p], pass_index, options, self.rng, deadline,
+                          self.progress, self.calibrate, self.holdout)
+        self.reports.append(rep)
+        return rep
+
+
 def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwargs) -> GreedyReport:
     """Greedy flip search on the binary kernels of ``model`` (modified in place).
 
@@ -157,29 +190,16 @@ def greedy_flip(model, x, y=None, *, options: GreedyOptions | None = None, **kwa
     """
     options = GreedyOptions.from_kwargs(options, **kwargs)
     net, chosen, (xp, yp), held = _prepare(model, x, y, options)
-    holdout = _Holdout(net, held) if held is not None else None
-    calibrate = Calibrator(net, xp, yp) if options.calibrate and net.temperature else None
-    progress = Progress(options.verbose)
-    rng = np.random.RandomState(options.seed)
-    t0 = time.perf_counter()
-    reports, evaluators = [], {}  # compiled per-layer kernels, reused across passes
+    run = _Run(net, options, xp, yp, time.perf_counter(), Progress(options.verbose),
+               np.random.RandomState(options.seed),
+               Calibrator(net, xp, yp) if options.calibrate and net.temperature else None,
+               _Holdout(net, held) if held is not None else None)
     for pass_index in range(options.passes):
-        pass_accepted = 0
-        for k, p in enumerate(chosen):
-            deadline = _deadline(options, t0, time.perf_counter(), len(chosen) - k)
-            if reports and deadline is not None and time.perf_counter() >= deadline:
-                reports.append(_skipped(net.ops[p], pass_index, reports[-1].loss_after, options.group_size))
-                continue
-            if p not in evaluators:
-                evaluators[p] = make_evaluator(net, p, xp, yp, options)
-            rep = _search(net, p, evaluators[p], pass_index, options, rng, deadline, progress,
-                          calibrate, holdout)
-            reports.append(rep)
-            pass_accepted += rep.accepted * (not rep.reverted)
-        if pass_accepted == 0:
+        reps = [run.layer(p, len(chosen) - k, pass_index) for k, p in enumerate(chosen)]
+        if not any(r.accepted and not r.reverted for r in reps):
             break
-    report = _report(options, reports, xp, held, time.perf_counter() - t0)
-    progress.done(report)
+    report = _report(options, run.reports, xp, held, time.perf_counter() - run.t0)
+    run.progress.done(report)
     return report
 
 
