@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -38,6 +39,7 @@ from kflip import bench, stats  # noqa: E402
 from kflip import data as data_lib  # noqa: E402
 from kflip.bop2nd import Bop2ndOrder  # noqa: E402
 from kflip.cell import load_weights  # noqa: E402
+from kflip.suite_report import cell_json, format_table, format_tables, plot_heatmap  # noqa: E402,F401
 
 
 class ModelSpec(NamedTuple):
@@ -110,7 +112,9 @@ class SuiteOptions:
     ``seeds``: seeds 0..N-1 in every cell (None: 3, 5 on digits-mlp).
     ``steps_scale`` multiplies every length (quick runs); ``evals`` test evaluations
     per run besides step 0. The grids are the tuned baselines' (Bop2ndOrder's sigma
-    is 1e-2).
+    is 1e-2). ``runs_per_process``: runs train in a worker process that is replaced
+    after this many (None: in this process), so a long suite's memory stays bounded
+    (TensorFlow keeps every run's compiled programs).
 
     Example:
       >>> from kflip.suite import SuiteOptions
@@ -139,6 +143,7 @@ class SuiteOptions:
     download: bool = False
     output_dir: str = "kflip-suite"
     plots: bool = True
+    runs_per_process: int | None = 20
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -154,6 +159,8 @@ class SuiteOptions:
             raise ValueError(f"`optimizers` must be distinct names from {list(OPTIMIZERS)}, "
                              f"got {self.optimizers!r}.")
         put("optimizers", opts)
+        if self.runs_per_process is not None:
+            bench._check_positive_int("runs_per_process", self.runs_per_process)
         for name in ("batch_size", "evals", "val_max"):
             bench._check_positive_int(name, getattr(self, name))
         _floats("val_fraction", (self.val_fraction,), 0.0, 0.5, low_open=True)
@@ -402,30 +409,58 @@ def compare_cell(cell: Cell, rows: Sequence[OptimizerRow], curves: Sequence,
 class _Context(NamedTuple):
     options: SuiteOptions
     store: RunStore
-    datasets: dict
     say: Callable[[str], None]
     weights: str  # weights_id of FlipLSTM's weights
+    worker: "_Worker"
 
 
-def _dataset(ctx: _Context, cell: Cell, split: str) -> data_lib.Dataset:
+class _Worker:
+    """Calls ``fn(*args)`` in a worker process replaced after ``runs`` calls (started on
+    first use; ``runs=None``: in this process)."""
+
+    def __init__(self, runs: int | None):
+        self.runs, self.pool = runs, None
+
+    def __call__(self, fn, *args):
+        if self.runs is None:
+            return fn(*args)
+        if self.pool is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=self.runs)
+        return self.pool.apply(fn, args)
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+_DATASETS: dict = {}  # per process: (name, data_dir, validation split) -> {"test", "val"}
+
+
+def _dataset(options: SuiteOptions, cell: Cell, split: str) -> data_lib.Dataset:
     name = MODELS[cell.model].dataset
-    if name not in ctx.datasets:
+    key = (name, options.data_dir, options.val_fraction, options.val_max)
+    if key not in _DATASETS:
         ds = data_lib.digits() if name == "digits" else data_lib.load(
-            name, data_dir=ctx.options.data_dir, download=ctx.options.download)
-        n_val = min(ctx.options.val_max, int(len(ds.x_train) * ctx.options.val_fraction))
-        ctx.datasets[name] = {"test": ds, "val": ds.validation_split(max(1, n_val))}
-    return ctx.datasets[name][split]
+            name, data_dir=options.data_dir, download=options.download)
+        n_val = min(options.val_max, int(len(ds.x_train) * options.val_fraction))
+        _DATASETS[key] = {"test": ds, "val": ds.validation_split(max(1, n_val))}
+    return _DATASETS[key][split]
+
+
+def _train(options: SuiteOptions, cell: Cell, spec: OptSpec, seed: int, split: str) -> dict:
+    """One run (in whichever process calls it)."""
+    return train_run(_dataset(options, cell, split), MODELS[cell.model], spec,
+                     steps=cell.steps, seed=seed, batch_size=options.batch_size,
+                     evals=options.evals if split == "test" else 1,
+                     lstm_weights=options.lstm_weights)
 
 
 def _run(ctx: _Context, cell: Cell, spec: OptSpec, seed: int, split: str) -> dict:
-    o = ctx.options
     key = run_key(cell, spec, seed, split, ctx.weights)
 
     def run():
         ctx.say(f"  {cell.name} {spec.kind} {spec.describe()} seed {seed} ({split}) ...")
-        return train_run(_dataset(ctx, cell, split), MODELS[cell.model], spec,
-                         steps=cell.steps, seed=seed, batch_size=o.batch_size,
-                         evals=o.evals if split == "test" else 1, lstm_weights=o.lstm_weights)
+        return ctx.worker(_train, ctx.options, cell, spec, seed, split)
 
     return ctx.store.get(key, run, cell=cell.name, model=cell.model, steps=cell.steps,
                          optimizer=spec.kind, params=dict(spec.params), seed=seed, split=split)
@@ -488,7 +523,15 @@ def run_suite(options: SuiteOptions | None = None,
     cells = options.selected_cells()
     path = os.path.join(os.fspath(options.output_dir), "results.json")
     weights = weights_id(options.lstm_weights) if "fliplstm" in options.optimizers else ""
-    ctx = _Context(options, RunStore(path, options), {}, say, weights)
+    worker = _Worker(options.runs_per_process)
+    try:
+        return _run_cells(_Context(options, RunStore(path, options), say, weights, worker), cells, path)
+    finally:
+        worker.close()
+
+
+def _run_cells(ctx: _Context, cells, path) -> SuiteResult:
+    options, say = ctx.options, ctx.say
     say(f"kflip suite: {len(cells)} cell(s), optimizers {list(options.optimizers)}"
         + (f", {len(ctx.store.records)} run(s) already in {path}" if ctx.store.records else ""))
     t0 = time.perf_counter()
@@ -503,103 +546,9 @@ def run_suite(options: SuiteOptions | None = None,
         f.write(table + "\n")
     if options.plots:
         files["heatmap"] = plot_heatmap(results, os.path.join(options.output_dir, "heatmap.png"))
-    ctx.store.save({"cells": [_cell_json(r) for r in results], "table": table, "files": files})
+    ctx.store.save({"cells": [cell_json(r) for r in results], "table": table, "files": files})
     say(table)
     say(f"{ctx.store.ran} run(s) trained, {ctx.store.skipped} reused; wrote "
         + ", ".join(files.values()))
     return SuiteResult(options, tuple(results), tuple(ctx.store.records.values()),
                        ctx.store.ran, ctx.store.skipped, table, files)
-
-
-def _cell_json(r: CellResult) -> dict:
-    d = r.difference
-    return {
-        "cell": r.cell.name, "model": r.cell.model, "length": r.cell.length,
-        "steps": r.cell.steps, "held_out": r.cell.held_out, "seeds": list(r.cell.seeds),
-        "rows": [{"optimizer": x.label, "kind": x.spec.kind, "params": dict(x.spec.params),
-                  "accuracies": list(x.accuracies), "mean": x.mean, "std": x.std}
-                 for x in r.rows],
-        "best_baseline": r.best_baseline, "verdict": r.verdict, "speedup": r.speedup,
-        "difference": None if d is None else d._asdict(),
-        "tuning": {label: [[dict(s.params), acc] for s, acc in scores]
-                   for label, scores in r.tuning.items()},
-    }
-
-
-# ---- reporting --------------------------------------------------------------------
-def _pct(mean, std) -> str:
-    return "-" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
-
-
-def format_table(results: Sequence[CellResult]) -> str:
-    """One Markdown row per cell: accuracy per optimizer, FlipLSTM - best, speed-up."""
-    labels = list(dict.fromkeys(x.label for r in results for x in r.rows))
-    head = ["cell", "steps", "seeds", *labels, "best baseline", "FlipLSTM - best (95% CI)",
-            "verdict", "speed-up"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in results:
-        by = {x.label: x for x in r.rows}
-        accs = [_pct(by[x].mean, by[x].std) if x in by else "-" for x in labels]
-        d = r.difference
-        diff = "-" if d is None else (f"{d.mean:+.2f}" if d.n < 2 else
-                                      f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]")
-        speed = "-" if r.speedup is None else f"{r.speedup:.2f}"
-        lines.append("| " + " | ".join([r.cell.name, str(r.cell.steps), str(len(r.cell.seeds)),
-                                        *accs, r.best_baseline or "-", diff, r.verdict or "-",
-                                        speed]) + " |")
-    return "\n".join(lines)
-
-
-def format_tables(results: Sequence[CellResult]) -> str:
-    """The tuning cells' table and the held-out cells' table, each with its tally and the
-    tuned baselines' choices."""
-    parts = []
-    for held, title in ((False, "Cells used for tuning decisions"), (True, "Held-out cells")):
-        group = [r for r in results if r.cell.held_out == held]
-        if not group:
-            continue
-        verdicts = [r.verdict for r in group]
-        tally = ", ".join(_plural(verdicts.count(v), v) for v in ("win", "tie", "loss"))
-        parts += [f"### {title}", "", format_table(group), "",
-                  f"FlipLSTM against the best baseline: {tally}.", ""]
-        for r in group:
-            for label, scores in r.tuning.items():
-                chosen = next(x.spec for x in r.rows if x.label == label)
-                parts.append(f"* {r.cell.name} {label}: {chosen.describe()} (validation "
-                             f"{100 * max(a for _, a in scores):.2f}%)")
-        parts.append("")
-    return "\n".join(parts).rstrip()
-
-
-def plot_heatmap(results: Sequence[CellResult], path: str) -> str:
-    """FlipLSTM - best baseline (points) per cell: rows models, columns lengths."""
-    from kflip import plots
-
-    models = list(dict.fromkeys(r.cell.model for r in results))
-    lengths = sorted({r.cell.length for r in results})
-    grid = np.full((len(models), len(lengths)), np.nan)
-    text = {}
-    for r in results:
-        i, j = models.index(r.cell.model), lengths.index(r.cell.length)
-        if r.difference is not None:
-            grid[i, j] = r.difference.mean
-            text[i, j] = f"{r.difference.mean:+.2f}\n{r.verdict}"
-    fig = plots._figure(max(2, len(lengths)), height=1.2 + 0.6 * len(models))
-    ax = fig.add_subplot()
-    finite = grid[np.isfinite(grid)]
-    lim = max(0.1, float(np.abs(finite).max())) if finite.size else 1.0
-    image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    for (i, j), t in text.items():
-        dark = abs(grid[i, j]) > 0.6 * lim
-        ax.text(j, i, t, ha="center", va="center", fontsize=8, color="w" if dark else "k")
-    held = {r.cell.model for r in results if r.cell.held_out}
-    ax.set_yticks(range(len(models)),
-                  [m + (" (held out)" if m in held else "") for m in models])
-    ax.set_xticks(range(len(lengths)), [f"{n} steps" for n in lengths])
-    fig.colorbar(image, ax=ax, label="points")
-    ax.set_title("test accuracy: FlipLSTM - best baseline")
-    return plots._save(fig, path)

@@ -45,6 +45,7 @@ def _is_png(path):
     (dict(bop2nd_thresholds=(-1e-6,)), "`bop2nd_thresholds`"),
     (dict(val_fraction=0.9), "`val_fraction`"),
     (dict(optimizers=("adam-ste",), lstm_weights="x.npz"), "`lstm_weights`"),
+    (dict(runs_per_process=0), "`runs_per_process`"),
 ])
 def test_bad_options_name_their_parameter(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -198,6 +199,18 @@ def test_tiny_suite_cli_then_api_resume(tmp_path):
     # the same suite again: nothing trains, the same table
     third = suite.run_suite(options, print_fn=None)
     assert (third.ran, third.skipped) == (0, 6) and third.table == second.table
+
+
+def test_a_run_in_a_worker_process_equals_one_in_this_process(tmp_path):
+    runs = {}
+    for per_process in (1, None):
+        options = SuiteOptions(cells=("digits-mlp@250",), seeds=1, steps_scale=0.12, evals=2,
+                               optimizers=("bop-example",), plots=False,
+                               runs_per_process=per_process, output_dir=str(tmp_path / str(per_process)))
+        result = suite.run_suite(options, print_fn=None)
+        (record,) = result.runs
+        runs[per_process] = {k: record[k] for k in ("test_accuracy", "test_loss", "curve")}
+    assert runs[1] == runs[None]
 
 
 def test_runs_are_keyed_by_settings_and_flip_lstm_weights(tmp_path):

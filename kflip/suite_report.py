@@ -1,0 +1,104 @@
+"""Reports of the task suite (:mod:`kflip.suite`): JSON, Markdown tables, the heat-map.
+
+Functions of :class:`kflip.suite.CellResult` sequences; no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def cell_json(r) -> dict:
+    """A cell's result as JSON (``results.json``'s ``cells``)."""
+    d = r.difference
+    return {
+        "cell": r.cell.name, "model": r.cell.model, "length": r.cell.length,
+        "steps": r.cell.steps, "held_out": r.cell.held_out, "seeds": list(r.cell.seeds),
+        "rows": [{"optimizer": x.label, "kind": x.spec.kind, "params": dict(x.spec.params),
+                  "accuracies": list(x.accuracies), "mean": x.mean, "std": x.std}
+                 for x in r.rows],
+        "best_baseline": r.best_baseline, "verdict": r.verdict, "speedup": r.speedup,
+        "difference": None if d is None else d._asdict(),
+        "tuning": {label: [[dict(s.params), acc] for s, acc in scores]
+                   for label, scores in r.tuning.items()},
+    }
+
+
+def _pct(mean, std) -> str:
+    return "-" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "es" if word.endswith("s") else "s")
+
+
+def format_table(results: Sequence) -> str:
+    """One Markdown row per cell: accuracy per optimizer, FlipLSTM - best, speed-up."""
+    labels = list(dict.fromkeys(x.label for r in results for x in r.rows))
+    head = ["cell", "steps", "seeds", *labels, "best baseline", "FlipLSTM - best (95% CI)",
+            "verdict", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        by = {x.label: x for x in r.rows}
+        accs = [_pct(by[x].mean, by[x].std) if x in by else "-" for x in labels]
+        d = r.difference
+        diff = "-" if d is None else (f"{d.mean:+.2f}" if d.n < 2 else
+                                      f"{d.mean:+.2f} [{d.low:+.2f}, {d.high:+.2f}]")
+        speed = "-" if r.speedup is None else f"{r.speedup:.2f}"
+        lines.append("| " + " | ".join([r.cell.name, str(r.cell.steps), str(len(r.cell.seeds)),
+                                        *accs, r.best_baseline or "-", diff, r.verdict or "-",
+                                        speed]) + " |")
+    return "\n".join(lines)
+
+
+def format_tables(results: Sequence) -> str:
+    """The tuning cells' table and the held-out cells' table, each with its tally and the
+    tuned baselines' choices."""
+    parts = []
+    for held, title in ((False, "Cells used for tuning decisions"), (True, "Held-out cells")):
+        group = [r for r in results if r.cell.held_out == held]
+        if not group:
+            continue
+        verdicts = [r.verdict for r in group]
+        tally = ", ".join(_plural(verdicts.count(v), v) for v in ("win", "tie", "loss"))
+        parts += [f"### {title}", "", format_table(group), "",
+                  f"FlipLSTM against the best baseline: {tally}.", ""]
+        for r in group:
+            for label, scores in r.tuning.items():
+                chosen = next(x.spec for x in r.rows if x.label == label)
+                parts.append(f"* {r.cell.name} {label}: {chosen.describe()} (validation "
+                             f"{100 * max(a for _, a in scores):.2f}%)")
+        parts.append("")
+    return "\n".join(parts).rstrip()
+
+
+def plot_heatmap(results: Sequence, path: str) -> str:
+    """FlipLSTM - best baseline (points) per cell: rows models, columns lengths."""
+    from kflip import plots
+
+    models = list(dict.fromkeys(r.cell.model for r in results))
+    lengths = sorted({r.cell.length for r in results})
+    grid = np.full((len(models), len(lengths)), np.nan)
+    text = {}
+    for r in results:
+        i, j = models.index(r.cell.model), lengths.index(r.cell.length)
+        if r.difference is not None:
+            grid[i, j] = r.difference.mean
+            text[i, j] = f"{r.difference.mean:+.2f}\n{r.verdict}"
+    fig = plots._figure(max(2, len(lengths)), height=1.2 + 0.6 * len(models))
+    ax = fig.add_subplot()
+    finite = grid[np.isfinite(grid)]
+    lim = max(0.1, float(np.abs(finite).max())) if finite.size else 1.0
+    image = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+    for (i, j), t in text.items():
+        dark = abs(grid[i, j]) > 0.6 * lim
+        ax.text(j, i, t, ha="center", va="center", fontsize=8, color="w" if dark else "k")
+    held = {r.cell.model for r in results if r.cell.held_out}
+    ax.set_yticks(range(len(models)),
+                  [m + (" (held out)" if m in held else "") for m in models])
+    ax.set_xticks(range(len(lengths)), [f"{n} steps" for n in lengths])
+    fig.colorbar(image, ax=ax, label="points")
+    ax.set_title("test accuracy: FlipLSTM - best baseline")
+    return plots._save(fig, path)
