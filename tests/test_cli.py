@@ -412,7 +412,7 @@ def test_mistakes_exit_2_in_one_line_before_training(argv, needle, tmp_path, cap
     monkeypatch.chdir(tmp_path)
     argv = [_junk_weights(tmp_path) if a == "JUNK" else a for a in argv]
     trained = []
-    monkeypatch.setattr(bench, "_run", lambda *a, **k: trained.append(1) or 1 / 0)
+    monkeypatch.setattr(bench.training, "_run", lambda *a, **k: trained.append(1) or 1 / 0)
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
