@@ -363,11 +363,12 @@ def test_bop_relative_meta_loss_is_zero_for_bop_itself():
     key = ("mlp-32", "digits", 4)
     h = meta.config.task_horizon(cfg, key)
     assert 5 <= h <= 20
-    job = loop.Job(vec, key, h, cfg.train_examples, True, vec)
+    base_loss = loop._evaluate(loop.Job(vec, key, h, cfg.train_examples, True))["meta_loss"]
+    job = loop.Job(vec, key, h, cfg.train_examples, True, base_loss)
     r = loop._evaluate(job)
-    assert r["meta_loss"] == 0.0 and np.isfinite(r["raw_meta_loss"])
+    assert r["meta_loss"] == 0.0 and r["raw_meta_loss"] == base_loss and np.isfinite(base_loss)
     other = loop._evaluate(job._replace(vec=unroll.flatten(cell_lib.load_weights()).astype(np.float32)))
-    assert other["meta_loss"] == other["raw_meta_loss"] - r["raw_meta_loss"]
+    assert other["meta_loss"] == other["raw_meta_loss"] - base_loss
 
 
 # ---- meta-training: determinism, resume, output ---------------------------------------
@@ -543,3 +544,23 @@ def test_shipped_default_weights_come_from_the_default_meta_training_run():
     assert "mnist" not in json.dumps(w.metadata["data"]["datasets"]).lower()
     # the output is the best validated iterate, and it beat the analytic init there
     assert w.metadata["best_val_meta_loss"] < w.metadata["init_val_meta_loss"]
+
+
+def test_the_baseline_rule_runs_once_per_task_and_is_subtracted(monkeypatch):
+    from kflip.meta import loop
+
+    cfg = meta.MetaConfig(**dict(TINY, baseline="bop", min_horizon=5))
+    w0 = meta.config.initial_weights(cfg)
+    trainer = loop._Trainer(cfg, loop._Runner(1, cfg.hidden_size, w0.beta, w0.eps), None)
+    calls = []
+    real = loop._evaluate
+    monkeypatch.setattr(loop, "_evaluate", lambda job: calls.append(job) or real(job))
+    keys = [("mlp-32", "digits", 4), ("mlp-32", "digits", 4), ("mlp-32", "teacher", 6)]
+    x = trainer.to_x(np.zeros(len(trainer.x0)))
+    first = trainer._map([x] * 3, keys)
+    assert len(calls) == 2 + 3  # one baseline run per distinct task, then the members
+    assert first[0]["meta_loss"] == first[1]["meta_loss"]
+    for r, k in zip(first, keys):
+        assert r["meta_loss"] == r["raw_meta_loss"] - trainer._baseline_losses[k]
+    trainer._map([x], keys[:1])
+    assert len(calls) == 5 + 1  # the baseline's loss is remembered

@@ -122,7 +122,7 @@ class Job(NamedTuple):
     horizon: int
     n_train: int
     bucketed: bool = False  # pad the batch table (tasks of many lengths)
-    baseline: np.ndarray | None = None  # subtract this rule's meta-loss on the task
+    baseline_loss: float | None = None  # subtract this (the baseline rule's meta-loss)
 
 
 def _evaluate(job: Job) -> dict:
@@ -133,15 +133,19 @@ def _evaluate(job: Job) -> dict:
     if tkey not in cache:
         if len(cache) > 64:
             cache.clear()
-        cache[tkey] = (tasks.make_task(*job.key, job.horizon, job.n_train), None)
-    task, base = cache[tkey]
-    result = evaluate(job.vec, task, job.bucketed)
-    if job.baseline is None:
+        cache[tkey] = tasks.make_task(*job.key, job.horizon, job.n_train)
+    result = evaluate(job.vec, cache[tkey], job.bucketed)
+    if job.baseline_loss is None:
         return result
-    if base is None:  # the baseline rule is fixed: once per task
-        base = evaluate(job.baseline, task, job.bucketed)["meta_loss"]
-        cache[tkey] = (task, base)
-    return dict(result, raw_meta_loss=result["meta_loss"], meta_loss=result["meta_loss"] - base)
+    raw = result["meta_loss"]
+    return dict(result, raw_meta_loss=raw, meta_loss=raw - job.baseline_loss)
+
+
+def _cost(job: Job) -> float:
+    """Relative cost of a job: its steps times its family's measured time per step."""
+    from kflip.meta import tasks
+
+    return job.horizon * tasks.STEP_MS.get(job.key[0], 10.0)
 
 
 class _Runner:
@@ -158,9 +162,16 @@ class _Runner:
             _init_worker(hidden_size, beta, eps)
 
     def map(self, jobs):
+        """The results of ``jobs``, in order; the costliest are started first, so the
+        workers finish together (each result depends on its job alone)."""
         if self.pool is None:
             return [_evaluate(j) for j in jobs]
-        return self.pool.map(_evaluate, jobs, chunksize=1)
+        order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i]))
+        done = self.pool.map(_evaluate, [jobs[i] for i in order], chunksize=1)
+        results = [None] * len(jobs)
+        for i, r in zip(order, done):
+            results[i] = r
+        return results
 
     def close(self):
         if self.pool is not None:
@@ -188,18 +199,25 @@ class _Trainer:
         self.runner = runner
         base = config_lib.baseline_weights(config)
         self.baseline = None if base is None else unroll.flatten(base).astype(np.float32)
+        self._baseline_losses = {}  # task key -> the baseline rule's meta-loss on it
 
     def to_x(self, z: np.ndarray) -> np.ndarray:
         """LSTM weight vector of the outer coordinates ``z``."""
         return self.x0 + self.scales * z
 
-    def _map(self, xs, keys):
+    def _job(self, x, key, baseline_loss=None) -> Job:
         c = self.config
-        return self.runner.map([
-            Job(x.astype(np.float32), k, config_lib.task_horizon(c, k), c.train_examples,
-                bool(c.min_horizon), self.baseline)
-            for x, k in zip(xs, keys)
-        ])
+        return Job(np.asarray(x, np.float32), key, config_lib.task_horizon(c, key),
+                   c.train_examples, bool(c.min_horizon), baseline_loss)
+
+    def _map(self, xs, keys):
+        if self.baseline is None:
+            return self.runner.map([self._job(x, k) for x, k in zip(xs, keys)])
+        new = list(dict.fromkeys(tuple(k) for k in keys if tuple(k) not in self._baseline_losses))
+        for k, r in zip(new, self.runner.map([self._job(self.baseline, k) for k in new])):
+            self._baseline_losses[k] = r["meta_loss"]  # the baseline is fixed: once per task
+        return self.runner.map([self._job(x, k, self._baseline_losses[tuple(k)])
+                                for x, k in zip(xs, keys)])
 
     def validate(self, state: MetaState, iteration: int) -> dict:
         x = self.to_x(state.z)

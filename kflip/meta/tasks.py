@@ -43,6 +43,11 @@ N_TRAIN = 1024
 N_HELD_OUT = 512
 BATCH_SIZE = 64
 OFFSET_LR = 1e-2  # FlipLSTM's default float optimizer: Adam(0.01)
+# ms per inner step on one CPU thread (AMD EPYC, 2026-12-06): only to start the
+# costliest jobs first (kflip.meta.loop); results never depend on it
+STEP_MS = {"mlp-32": 0.06, "mlp-128": 0.1, "mlp-64-64": 0.1, "cnn-8-8": 2.7, "res-8": 8.0,
+           "mlp784-128": 1.5, "mlp784-256-256": 2.7, "mlp784-256-256-256": 3.5,
+           "mlp784-512-512": 7.0, "cnn28-16-32-32": 29.0, "res28-16-32": 77.0}
 
 DATASETS = ("digits", "digits-proj", "digits-perm", "teacher")
 
