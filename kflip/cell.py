@@ -290,8 +290,18 @@ def bop_weights(
     return weights.padded(hidden_size)
 
 
+def shipped_path(name: str) -> str | None:
+    """The ``.npz`` of weights shipped in the package under ``name`` (``"default"``,
+    ``"run3"``, ...), or None when ``name`` is not one of them (e.g. a path)."""
+    if not isinstance(name, str) or os.sep in name or name.endswith(".npz"):
+        return None
+    path = os.path.join(_DEFAULT_DIR, name + ".npz")
+    return path if os.path.exists(path) else None
+
+
 def load_weights(weights: Any = None) -> LSTMWeights:
-    """Resolve ``weights``: None/"default", a path, a config dict or LSTMWeights.
+    """Resolve ``weights``: None/"default" or the name of other shipped weights
+    (``kflip/weights/<name>.npz``), a path, a config dict or LSTMWeights.
 
     Example:
       >>> import kflip
@@ -301,8 +311,10 @@ def load_weights(weights: Any = None) -> LSTMWeights:
       >>> kflip.cell.load_weights(config).metadata["init"]
       'analytic-bop'
     """
-    if weights is None or (isinstance(weights, str) and weights == "default"):
+    if weights is None:
         return LSTMWeights.load(DEFAULT_WEIGHTS)
+    if shipped_path(weights):
+        return LSTMWeights.load(shipped_path(weights))
     if isinstance(weights, LSTMWeights):
         return weights
     if isinstance(weights, dict):

@@ -91,6 +91,21 @@ def test_shipped_default_weights_load_and_say_what_they_are():
         assert w.metadata["init"].startswith("analytic")
 
 
+def test_shipped_weights_load_by_name_and_a_name_is_never_a_path(tmp_path, monkeypatch):
+    import os
+
+    shipped = [f[:-4] for f in os.listdir(os.path.dirname(C.DEFAULT_WEIGHTS)) if f.endswith(".npz")]
+    assert "default" in shipped
+    for name in shipped:
+        w = C.load_weights(name)
+        np.testing.assert_array_equal(w.bias, C.LSTMWeights.load(C.shipped_path(name)).bias)
+    assert C.shipped_path("no-such-weights") is None
+    monkeypatch.chdir(tmp_path)
+    kflip.bop_weights(1e-7, 1e-4).save("default.npz")  # a file named like shipped weights
+    assert C.load_weights("./default.npz").metadata["init"].startswith("analytic")
+    assert C.load_weights("default").metadata.get("learned")
+
+
 def test_bad_weights_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="kernel"):
         kflip.LSTMWeights(np.zeros((3, 4)), np.zeros((1, 4)), np.zeros(4), np.zeros(1), 0.0)

@@ -75,7 +75,8 @@ class MetaConfig:
     init: str = _opt(
         "bop",
         "'bop-normalized' (Bop on the per-tensor normalised gradient, scale 1), 'bop' "
-        "(the analytic raw-gradient Bop of kflip.bop_weights) or a path to an .npz",
+        "(the analytic raw-gradient Bop of kflip.bop_weights), the name of weights "
+        "shipped in kflip/weights ('run3') or a path to an .npz",
     )
     init_threshold: float = _opt(1e-6, "Bop threshold of the init")
     init_gamma: float = _opt(1e-3, "Bop momentum rate of the init")
@@ -138,8 +139,11 @@ class MetaConfig:
             )
 
     def _check_init(self):
-        if self.init not in INITS and not os.path.exists(os.path.splitext(self.init)[0] + ".npz"):
-            raise ValueError(f"`init` must be one of {INITS} or an existing .npz, got {self.init!r}.")
+        if self.init not in INITS and not cell_lib.shipped_path(self.init) and not os.path.exists(
+                os.path.splitext(self.init)[0] + ".npz"):
+            raise ValueError(
+                f"`init` must be one of {INITS}, the name of shipped weights or an existing "
+                f".npz, got {self.init!r}.")
         checks.number("init_threshold", self.init_threshold, low=0.0)
         checks.number("init_gamma", self.init_gamma, low=0.0, high=1.0, low_open=True)
         if self.init_gamma == 1.0:
@@ -202,7 +206,7 @@ def initial_weights(config: MetaConfig) -> cell_lib.LSTMWeights:
     elif config.init == "bop":
         w = cell_lib.bop_weights(config.init_threshold, config.init_gamma)
     else:
-        w = cell_lib.LSTMWeights.load(config.init)
+        w = cell_lib.load_weights(config.init)
     if w.hidden_size > config.hidden_size:
         raise ValueError(
             f"`hidden_size`={config.hidden_size} is smaller than the init's {w.hidden_size}."
