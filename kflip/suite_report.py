@@ -102,3 +102,39 @@ def plot_heatmap(results: Sequence, path: str) -> str:
     fig.colorbar(image, ax=ax, label="points")
     ax.set_title("test accuracy: FlipLSTM - best baseline")
     return plots._save(fig, path)
+
+
+def compare_weights(runs: Sequence[dict], a: str, b: str) -> str:
+    """Two FlipLSTM weights in one suite's ``runs`` (``results.json``), paired seed by
+    seed: a Markdown row per cell where both ran on the test split, with the mean test
+    accuracy of each and ``a - b`` in points with its 95% interval (:mod:`kflip.stats`).
+    ``a`` and ``b`` are :func:`kflip.suite.weights_id` values.
+
+    >>> runs = [{"key": f"m|250|fliplstm||weights={w}|seed{s}|test", "test_accuracy": acc}
+    ...         for w, s, acc in [("A", 0, .90), ("A", 1, .92), ("B", 0, .89), ("B", 1, .90)]]
+    >>> runs.append({"key": "m|250|bop|threshold=1e-06|seed0|test", "test_accuracy": 0.9})
+    >>> print(compare_weights(runs, "A", "B").splitlines()[-1])
+    | m@250 | 2 | 91.00 | 89.50 | +1.50 [-4.85, +7.85] | tie |
+    """
+    from kflip.stats import paired
+
+    acc: dict = {}
+    for r in runs:
+        parts = r["key"].split("|")  # fliplstm runs: model|steps|kind|params|weights=W|seed|split
+        if len(parts) != 7:
+            continue
+        model, steps, kind, _, weights, seed, split = parts
+        if kind == "fliplstm" and split == "test" and weights[len("weights="):] in (a, b):
+            cell = acc.setdefault(f"{model}@{steps}", {a: {}, b: {}})
+            cell[weights[len("weights="):]][seed] = 100 * r["test_accuracy"]
+    lines = ["| cell | seeds | a | b | a - b (95% CI) | verdict |", "|---|---|---|---|---|---|"]
+    for name, by in acc.items():
+        seeds = sorted(set(by[a]) & set(by[b]))
+        if not seeds:
+            continue
+        xa, xb = [by[a][s] for s in seeds], [by[b][s] for s in seeds]
+        d = paired(xa, xb)
+        ci = f" [{d.low:+.2f}, {d.high:+.2f}]" if d.n > 1 else ""
+        lines.append(f"| {name} | {len(seeds)} | {np.mean(xa):.2f} | {np.mean(xb):.2f} | "
+                     f"{d.mean:+.2f}{ci} | {d.verdict} |")
+    return "\n".join(lines)
