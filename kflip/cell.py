@@ -486,28 +486,15 @@ def fast_sum(x):
     return tf.reduce_sum(tf.matmul(rows, tf.ones([cols, 1], x.dtype)))
 
 
-def dot_all(a, b):
-    """``sum(a * b)`` over all entries, as one vector dot.
-
-    XLA:CPU runs a vector dot in its dot runtime, nothing to compile, where a
-    ``reduce_sum`` (or :func:`fast_sum`, which XLA now rewrites into one) compiles
-    three kernels per tensor and slows the first step.
-
-    Example:
-      >>> import kflip
-      >>> import tensorflow as tf
-      >>> float(kflip.cell.dot_all(tf.fill([3, 4], 2.0), tf.ones([3, 4])))
-      24.0
-    """
-    x, y = tf.reshape(a, [1, -1]), tf.reshape(b, [1, -1])
-    return tf.reshape(tf.matmul(x, y, transpose_b=True), [])
-
-
 def count_true(mask):
-    """Number of True entries of ``mask`` (a float32 scalar, exact below 2**24):
-    the 0/1 mask dotted with itself (:func:`dot_all`)."""
-    x = tf.cast(mask, tf.float32)
-    return dot_all(x, x)
+    """Number of True entries of ``mask`` (a float32 scalar, exact below 2**24).
+
+    The 0/1 mask dotted with itself: XLA:CPU runs a vector dot in its dot runtime,
+    where a ``reduce_sum`` (or :func:`fast_sum`, which XLA now rewrites into one)
+    compiles three more kernels per tensor and slows the first step.
+    """
+    x = tf.reshape(tf.cast(mask, tf.float32), [1, -1])
+    return tf.reshape(tf.matmul(x, x, transpose_b=True), [])
 
 
 def features_and_moment(theta, grad, v, step, beta: float, eps: float):
@@ -533,7 +520,7 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     """
     finite = tf.math.is_finite(grad)
     g = tf.where(finite, grad, tf.constant(0, grad.dtype))
-    mean_sq = dot_all(g, g) / float(max(g.shape.num_elements() or 1, 1))
+    mean_sq = fast_sum(tf.square(g)) / float(max(g.shape.num_elements() or 1, 1))
     # A finite spike whose square overflows would pin ``v`` at +inf for good (every
     # later feature 1 would be 0): such a step is skipped like a non-finite gradient.
     no_overflow = tf.math.is_finite(mean_sq)

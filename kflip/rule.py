@@ -159,7 +159,7 @@ class FlipRule:
             n = int(theta.shape.num_elements())
             flip = _limit_flips(flip, y, max(1, int(math.floor(self.max_flip_rate * n))))
         s = tf.where(flip, tf.constant(-1, theta.dtype), tf.constant(1, theta.dtype))
-        return self._finish(s, finite, new, old, cell_lib.count_true(flip))
+        return self._finish(s, finite, new, old, flipped=flip)
 
     def _latent_one(self, old: _One, grad, step, learning_rate, clip):
         w = old.sign
@@ -173,7 +173,7 @@ class FlipRule:
             w_new = tf.clip_by_value(w_new, -clip, clip)
         w_new = tf.where(finite, w_new, w)
         s = cell_lib.sign_pm1(w_new) * theta
-        return w_new, self._finish(s, finite, new, old, cell_lib.count_true(s < 0))
+        return w_new, self._finish(s, finite, new, old)
 
     def _cell(self, theta, grad, old: _One, step):
         """``(y, new, finite)``: the output, the new state (frame of ``theta``) and the
@@ -193,11 +193,14 @@ class FlipRule:
         return y, _One(None, h_new, c_new, v_new, old.flips, tensor), finite
 
     @staticmethod
-    def _finish(s, finite, new: _One, old: _One, count) -> _One:
+    def _finish(s, finite, new: _One, old: _One, flipped=None) -> _One:
         """The new state in the frame of ``theta * s`` (the old one where grad was not
-        finite) and the flip count plus ``count`` (the flips of this step)."""
+        finite) and the flip count (``flipped``: the mask ``s < 0`` if known)."""
         keep, s_col = tf.expand_dims(finite, -1), tf.expand_dims(s, -1)
         h, c = (tf.where(keep, a * s_col, b) for a, b in ((new.h, old.h), (new.c, old.c)))
+        if flipped is None:
+            flipped = s < 0
+        count = cell_lib.count_true(flipped)
         tensor = new.tensor
         if tensor is not None:
             tensor = tensor._replace(
