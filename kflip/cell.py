@@ -313,8 +313,9 @@ def load_weights(weights: Any = None) -> LSTMWeights:
     """
     if weights is None:
         return LSTMWeights.load(DEFAULT_WEIGHTS)
-    if shipped_path(weights):
-        return LSTMWeights.load(shipped_path(weights))
+    shipped = shipped_path(weights)
+    if shipped:
+        return LSTMWeights.load(shipped)
     if isinstance(weights, LSTMWeights):
         return weights
     if isinstance(weights, dict):

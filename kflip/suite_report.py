@@ -110,9 +110,11 @@ def compare_weights(runs: Sequence[dict], a: str, b: str) -> str:
     accuracy of each and ``a - b`` in points with its 95% interval (:mod:`kflip.stats`).
     ``a`` and ``b`` are :func:`kflip.suite.weights_id` values.
 
-    >>> runs = [{"key": f"m|250|fliplstm||weights={w}|seed{s}|test", "test_accuracy": acc}
+    >>> runs = [{"key": f"m|250|fliplstm||weights={w}|seed{s}|test", "cell": "m@250",
+    ...          "optimizer": "fliplstm", "seed": s, "split": "test", "test_accuracy": acc}
     ...         for w, s, acc in [("A", 0, .90), ("A", 1, .92), ("B", 0, .89), ("B", 1, .90)]]
-    >>> runs.append({"key": "m|250|bop|threshold=1e-06|seed0|test", "test_accuracy": 0.9})
+    >>> runs.append({"key": "m|250|bop|threshold=1e-06|seed0|test", "cell": "m@250",
+    ...              "optimizer": "bop", "seed": 0, "split": "test", "test_accuracy": 0.9})
     >>> print(compare_weights(runs, "A", "B").splitlines()[-1])
     | m@250 | 2 | 91.00 | 89.50 | +1.50 [-4.85, +7.85] | tie |
     """
@@ -120,13 +122,11 @@ def compare_weights(runs: Sequence[dict], a: str, b: str) -> str:
 
     acc: dict = {}
     for r in runs:
-        parts = r["key"].split("|")  # fliplstm runs: model|steps|kind|params|weights=W|seed|split
-        if len(parts) != 7:
+        if r["optimizer"] != "fliplstm" or r["split"] != "test":
             continue
-        model, steps, kind, _, weights, seed, split = parts
-        if kind == "fliplstm" and split == "test" and weights[len("weights="):] in (a, b):
-            cell = acc.setdefault(f"{model}@{steps}", {a: {}, b: {}})
-            cell[weights[len("weights="):]][seed] = 100 * r["test_accuracy"]
+        weights = r["key"].split("|weights=")[1].split("|")[0]  # only the key names them
+        if weights in (a, b):
+            acc.setdefault(r["cell"], {a: {}, b: {}})[weights][r["seed"]] = 100 * r["test_accuracy"]
     lines = ["| cell | seeds | a | b | a - b (95% CI) | verdict |", "|---|---|---|---|---|---|"]
     for name, by in acc.items():
         seeds = sorted(set(by[a]) & set(by[b]))
