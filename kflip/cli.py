@@ -20,6 +20,7 @@ import math
 import os
 import sys
 
+from kflip import suite_grid
 from kflip._version import __version__
 
 PLUGINS = {
@@ -31,11 +32,10 @@ PLUGINS = {
 }
 _OPTIMIZERS = ("adam-ste", "bop", "fliplstm-gradient", "fliplstm")
 _MODELS = ("mlp", "cnn", "binarynet", "resnet")
-# kflip.suite.OPTIMIZERS, MODELS and LENGTHS (here so that --help needs no TensorFlow)
-_SUITE_OPTIMIZERS = ("fliplstm", "bop-default", "bop-example", "bop-tuned", "bop2nd-paper",
-                     "bop2nd-tuned", "adam-ste")
-_SUITE_MODELS = ("digits-mlp", "mlp784-256-10", "mlp2x512", "cnn", "resnet")
-_SUITE_LENGTHS = (250, 1500, 6000)
+# the suite's names (kflip.suite_grid has no TensorFlow: --help stays instant)
+_SUITE_OPTIMIZERS = suite_grid.OPTIMIZERS
+_SUITE_MODELS = tuple(suite_grid.MODELS)
+_SUITE_LENGTHS = suite_grid.LENGTHS
 _SUITE_ONLY = ("--cells", "--steps-scale", "--evals", "--bop-thresholds", "--bop-gammas",
                "--bop2nd-thresholds", "--bop2nd-gammas")
 # flags of `kflip bench` that --suite does not use (it fixes data, models and lengths)

@@ -345,20 +345,31 @@ def export(
         _require_lce()
     module = ServingModule(model, kernels, packed)
     concrete = module.trace(model, kernels, spec)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.partial-")
-    try:
+
+    def write(staging):
         report = _write(model, module, concrete, kernels, staging, x, tflite)
         report["path"] = path
         if tflite:
             report["tflite_path"] = os.path.join(path, TFLITE_NAME)
         _write_report(report, os.path.join(staging, REPORT_NAME))
+        return report
+
+    return _staged(path, write)
+
+
+def _staged(path, write):
+    """``write(staging_dir)`` into a hidden directory beside ``path``, then moved into
+    place; on any error nothing is left at ``path`` or beside it."""
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.partial-")
+    try:
+        result = write(staging)
         _move_into_place(staging, path)
+        return result
     finally:
         if os.path.isdir(staging):
             shutil.rmtree(staging, ignore_errors=True)
-    return report
 
 
 def _check_sample(model, sample) -> np.ndarray:

@@ -40,52 +40,10 @@ from kflip import data as data_lib  # noqa: E402
 from kflip.bop2nd import Bop2ndOrder  # noqa: E402
 from kflip.cell import load_weights  # noqa: E402
 from kflip.suite_report import cell_json, format_table, format_tables, plot_heatmap  # noqa: E402,F401
+from kflip.suite_grid import (  # noqa: E402,F401
+    FIXED, LENGTHS, MODELS, OPTIMIZERS, TUNED, ModelSpec, OptSpec, spec as _spec)
 
 
-class ModelSpec(NamedTuple):
-    """A suite model: dataset name, ``kflip.models`` builder and options, default seeds."""
-
-    dataset: str
-    builder: str
-    options: dict
-    held_out: bool
-    seeds: int
-
-
-MODELS = {
-    "digits-mlp": ModelSpec("digits", "mlp", {"hidden": (256, 256)}, False, 5),
-    "mlp784-256-10": ModelSpec("mnist", "mlp", {"hidden": (256,)}, True, 3),
-    "mlp2x512": ModelSpec("mnist", "mlp", {"hidden": (512, 512)}, False, 3),
-    "cnn": ModelSpec("mnist", "cnn", {}, False, 3),
-    "resnet": ModelSpec("mnist", "resnet", {}, True, 3),
-}
-LENGTHS = (250, 1500, 6000)
-
-
-class OptSpec(NamedTuple):
-    """One optimizer setting: ``kind`` (fliplstm, bop, bop2nd, adam-ste) and its params."""
-
-    kind: str
-    params: tuple = ()  # sorted (name, value) pairs
-
-    def describe(self) -> str:
-        return ", ".join(f"{k} {v:g}" for k, v in self.params if not isinstance(v, str))
-
-
-def _spec(kind: str, **params) -> OptSpec:
-    return OptSpec(kind, tuple(sorted(params.items())))
-
-
-FIXED = {
-    "fliplstm": _spec("fliplstm"),
-    "bop-default": _spec("bop", threshold=1e-8, gamma=1e-4),  # larq's Bop defaults
-    "bop-example": _spec("bop", threshold=1e-6, gamma=1e-3),  # larq's example settings
-    "bop2nd-paper": _spec("bop2nd", threshold=1e-6, gamma=1e-6, sigma=1e-2),
-    "adam-ste": _spec("adam-ste"),
-}
-TUNED = {"bop-tuned": "bop", "bop2nd-tuned": "bop2nd"}
-OPTIMIZERS = ("fliplstm", "bop-default", "bop-example", "bop-tuned", "bop2nd-paper",
-              "bop2nd-tuned", "adam-ste")
 BOP2ND_SIGMA = 1e-2
 # options a rerun into the same output_dir must keep (else its runs are not comparable)
 _FINGERPRINT = ("batch_size", "evals", "val_fraction", "val_max")
