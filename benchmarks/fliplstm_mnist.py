@@ -24,7 +24,7 @@ import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from kflip import data, models  # noqa: E402
+from kflip import data, models, stats  # noqa: E402
 
 
 def make_optimizer(name: str, args):
@@ -114,20 +114,31 @@ def step_times(names, model_name, ds, args, repeats=5, steps=50):
 
 
 def first_step_times(names, model_name, ds, args, repeats=3):
-    """Median time to the first finished train step (tracing + XLA compilation) per
-    optimizer: a fresh model and optimizer each time, optimizers interleaved."""
+    """Times to the first finished train step (tracing + XLA compilation) per
+    optimizer, one list per optimizer: a fresh model and optimizer each time. One
+    warm-up round is discarded (the process's first XLA compilation pays one-off
+    costs), then ``repeats`` rounds alternate the optimizers' order."""
     x = tf.constant(ds.x_train[: args.batch_size])
     y = tf.constant(ds.y_train[: args.batch_size])
     times = {n: [] for n in names}
-    for _ in range(repeats):
-        for name in names:
+    for r in range(repeats + 1):
+        for name in names if r % 2 else names[::-1]:
             tf.keras.backend.clear_session()
             model = build(model_name, ds, 0)
             t0 = time.perf_counter()
             model.compile(make_optimizer(name, args), "sparse_categorical_crossentropy", jit_compile=True)
             model.train_on_batch(x, y)
-            times[name].append(time.perf_counter() - t0)
-    return {n: float(np.median(t)) for n, t in times.items()}
+            if r:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_interval(times, name, reference="bop"):
+    """Geometric mean of the per-round ratios ``times[name] / times[reference]`` and
+    its 95% t-interval (rounds are paired: both ran back to back)."""
+    d = stats.paired(np.log(times[name]), np.log(times[reference]))
+    return {"ratio": float(np.exp(d.mean)), "low": float(np.exp(d.low)), "high": float(np.exp(d.high)),
+            "rounds": len(times[name])}
 
 
 def main(argv=None):
@@ -157,12 +168,19 @@ def main(argv=None):
               "runs": []}
     if not args.skip_timing:
         if args.first_step_repeats:
-            first = first_step_times(args.optimizers, args.model, ds, args, args.first_step_repeats)
-            result["first_step_s"] = first
-            print("first step incl. compile (s):", {n: round(v, 2) for n, v in first.items()}, flush=True)
+            rounds = first_step_times(args.optimizers, args.model, ds, args, args.first_step_repeats)
+            first = {n: float(np.median(t)) for n, t in rounds.items()}
+            result["first_step_s"], result["first_step_rounds_s"] = first, rounds
+            print("first step incl. compile, median (s):", {n: round(v, 2) for n, v in first.items()}, flush=True)
             if "bop" in first:
                 result["first_step_ratio_to_bop"] = {n: v / first["bop"] for n, v in first.items()}
-                print("ratio to Bop:", {n: round(v, 3) for n, v in result["first_step_ratio_to_bop"].items()})
+                print("ratio of medians to Bop:", {n: round(v, 3) for n, v in result["first_step_ratio_to_bop"].items()})
+                if len(rounds["bop"]) > 1:
+                    ci = {n: ratio_interval(rounds, n) for n in rounds if n != "bop"}
+                    result["first_step_ratio_ci"] = ci
+                    for n, c in ci.items():
+                        print(f"{n} / bop per round: {c['ratio']:.3f} [{c['low']:.3f}, {c['high']:.3f}] "
+                              f"(geometric mean, 95% CI, {c['rounds']} rounds)", flush=True)
         t, c = step_times(args.optimizers, args.model, ds, args, repeats=args.timing_repeats)
         result["step_time_s"] = t
         result["step_cpu_s"] = c
