@@ -282,6 +282,41 @@ class RunStore:
         bench._write_json(payload, self.path)  # temp file + os.replace
 
 
+def merge_results(paths: Sequence[str], output_dir: str) -> int:
+    """Write the runs of several suites' ``results.json`` files into ``output_dir``.
+
+    The files must agree on the options a rerun must keep (batch size, evaluations,
+    validation split); a run held by several files is taken from the first. Running
+    the suite on ``output_dir`` afterwards (same cells) trains nothing and summarises
+    every cell in one table. Returns the number of runs written.
+    """
+    if not paths:
+        raise ValueError("`paths`: give at least one results.json.")
+    out = os.path.join(output_dir, "results.json")
+    if os.path.exists(out):
+        raise ValueError(f"`output_dir`: {out} exists; merge into a new directory.")
+    runs, first = {}, None
+    for path in paths:
+        try:
+            with open(path) as f:
+                d = json.load(f)
+            options, records = d["options"], d["runs"]
+            fingerprint = {k: options[k] for k in _FINGERPRINT}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"`paths`: {path} is not a suite results file ({e}).")
+        first = first or (path, options, fingerprint)
+        changed = [k for k in _FINGERPRINT if fingerprint[k] != first[2][k]]
+        if changed:
+            raise ValueError(f"`paths`: {path} has other {changed} than {first[0]}.")
+        for r in records:
+            runs.setdefault(r["key"], r)
+    os.makedirs(output_dir, exist_ok=True)
+    payload = {"options": dict(first[1], output_dir=output_dir), "merged_from": list(paths),
+               "runs": list(runs.values())}
+    bench._write_json(payload, out)
+    return len(runs)
+
+
 # ---- statistics of a cell ---------------------------------------------------------
 def mean_curve(curves: Sequence) -> tuple:
     """(steps, mean accuracy) over the seeds' curves, at the steps all of them have."""

@@ -237,6 +237,33 @@ def test_resume_refuses_other_fingerprint_options(tmp_path):
                         print_fn=None)
 
 
+def test_merged_results_resummarise_without_training(tmp_path):
+    opts = dict(cells=("digits-mlp@250",), seeds=1, steps_scale=0.02,
+                optimizers=("fliplstm", "bop-example"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    suite.run_suite(SuiteOptions(**opts, output_dir=str(a)), print_fn=None)
+    opts2 = dict(opts, optimizers=("bop-default",))
+    suite.run_suite(SuiteOptions(**opts2, output_dir=str(b)), print_fn=None)
+    merged = tmp_path / "m"
+    files = [str(a / "results.json"), str(b / "results.json")]
+    assert suite.merge_results(files + files[:1], str(merged)) == 3
+    result = suite.run_suite(SuiteOptions(**dict(opts, optimizers=(
+        "fliplstm", "bop-example", "bop-default")), output_dir=str(merged)), print_fn=None)
+    (cell,) = result.cells
+    assert sorted(r.label for r in cell.rows) == ["bop-default", "bop-example", "fliplstm"]
+    records = json.loads((merged / "results.json").read_text())["runs"]
+    assert len(records) == 3  # nothing was trained again
+    with pytest.raises(ValueError, match="exists"):
+        suite.merge_results(files, str(merged))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"options": dict(json.loads(
+        (a / "results.json").read_text())["options"], evals=3), "runs": []}))
+    with pytest.raises(ValueError, match=r"other \['evals'\]"):
+        suite.merge_results([files[0], str(other)], str(tmp_path / "m2"))
+    with pytest.raises(ValueError, match="not a suite results file"):
+        suite.merge_results([str(tmp_path / "missing.json")], str(tmp_path / "m3"))
+
+
 # ---- the CLI: help and bad input ----------------------------------------------------
 def test_bench_help_describes_the_suite(capsys):
     with pytest.raises(SystemExit) as e:
