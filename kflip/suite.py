@@ -247,6 +247,7 @@ class RunStore:
     def __init__(self, path: str, options: SuiteOptions):
         self.path, self.options = path, options
         self.records: dict = {}
+        self.machines: list = []  # the machines that ran the records loaded
         self.ran = self.skipped = 0
         if os.path.exists(path):
             self._load()
@@ -264,6 +265,7 @@ class RunStore:
             raise ValueError(f"`output_dir` holds a suite run with other {changed}; "
                              "use another output directory.")
         self.records = {r["key"]: r for r in runs}
+        self.machines = _machines(old)
 
     def get(self, key: str, run: Callable[[], dict], **fields) -> dict:
         if key in self.records:
@@ -277,9 +279,23 @@ class RunStore:
 
     def save(self, extra: dict) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        payload = {"options": dataclasses.asdict(self.options), "machine": bench.machine_info(),
-                   "runs": list(self.records.values()), **extra}
+        machine = bench.machine_info()
+        machines = _unique(self.machines + ([machine] if self.ran else []))
+        payload = {"options": dataclasses.asdict(self.options), "machine": machine,
+                   "machines": machines, "runs": list(self.records.values()), **extra}
         bench._write_json(payload, self.path)  # temp file + os.replace
+
+
+def _machines(results: dict) -> list:
+    """The machines that ran a results file's runs: its ``machines`` list, or, in a file
+    written before that list existed, its ``machine``."""
+    if "machines" in results:
+        return list(results["machines"])
+    return [results["machine"]] if "machine" in results else []
+
+
+def _unique(items: list) -> list:
+    return [x for i, x in enumerate(items) if x not in items[:i]]
 
 
 def merge_results(paths: Sequence[str], output_dir: str) -> int:
@@ -295,7 +311,7 @@ def merge_results(paths: Sequence[str], output_dir: str) -> int:
     out = os.path.join(output_dir, "results.json")
     if os.path.exists(out):
         raise ValueError(f"`output_dir`: {out} exists; merge into a new directory.")
-    runs, first = {}, None
+    runs, machines, first = {}, [], None
     for path in paths:
         try:
             with open(path) as f:
@@ -310,9 +326,10 @@ def merge_results(paths: Sequence[str], output_dir: str) -> int:
             raise ValueError(f"`paths`: {path} has other {changed} than {first[0]}.")
         for r in records:
             runs.setdefault(r["key"], r)
+        machines += _machines(d)
     os.makedirs(output_dir, exist_ok=True)
     payload = {"options": dict(first[1], output_dir=output_dir), "merged_from": list(paths),
-               "runs": list(runs.values())}
+               "machines": _unique(machines), "runs": list(runs.values())}
     bench._write_json(payload, out)
     return len(runs)
 

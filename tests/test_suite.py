@@ -251,8 +251,11 @@ def test_merged_results_resummarise_without_training(tmp_path):
         "fliplstm", "bop-example", "bop-default")), output_dir=str(merged)), print_fn=None)
     (cell,) = result.cells
     assert sorted(r.label for r in cell.rows) == ["bop-default", "bop-example", "fliplstm"]
-    records = json.loads((merged / "results.json").read_text())["runs"]
-    assert len(records) == 3  # nothing was trained again
+    merged_json = json.loads((merged / "results.json").read_text())
+    assert len(merged_json["runs"]) == 3  # nothing was trained again
+    ran_on = [json.loads(open(f).read())["machine"] for f in files]
+    distinct = [m for i, m in enumerate(ran_on) if m not in ran_on[:i]]
+    assert merged_json["machines"] == distinct  # each part's machine kept, none added
     with pytest.raises(ValueError, match="exists"):
         suite.merge_results(files, str(merged))
     other = tmp_path / "other.json"
