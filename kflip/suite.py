@@ -39,12 +39,15 @@ from kflip import bench, stats  # noqa: E402
 from kflip import data as data_lib  # noqa: E402
 from kflip.bop2nd import Bop2ndOrder  # noqa: E402
 from kflip.cell import load_weights  # noqa: E402
-from kflip.suite_report import cell_json, format_table, format_tables, plot_heatmap  # noqa: E402,F401
+from kflip.suite_report import (cell_json, format_table, format_tables, late_scores,  # noqa: E402,F401
+                                plot_heatmap)
 from kflip.suite_grid import (  # noqa: E402,F401
     FIXED, LENGTHS, MODELS, OPTIMIZERS, TUNED, ModelSpec, OptSpec, spec as _spec)
 
 
 BOP2ND_SIGMA = 1e-2
+# the steadier score the suite reports besides the final one: mean of the last evaluations
+LATE_EVALS = 3
 # options a rerun into the same output_dir must keep (else its runs are not comparable)
 _FINGERPRINT = ("batch_size", "evals", "val_fraction", "val_max")
 
@@ -373,6 +376,12 @@ class OptimizerRow(NamedTuple):
     std: float | None
 
 
+def row(label: str, spec: OptSpec, accuracies: Sequence) -> OptimizerRow:
+    """An optimizer's row of a cell: accuracies per seed (None: not run), mean, std."""
+    mean, std = bench._mean_std(accuracies)
+    return OptimizerRow(label, spec, tuple(accuracies), mean, std)
+
+
 class CellResult(NamedTuple):
     cell: Cell
     rows: tuple
@@ -505,9 +514,7 @@ def run_cell(ctx: _Context, cell: Cell) -> CellResult:
     rows, curves = [], []
     for label, spec in specs.items():
         records = [_run(ctx, cell, spec, seed, "test") for seed in cell.seeds]
-        accs = tuple(r["test_accuracy"] for r in records)
-        mean, std = bench._mean_std(accs)
-        rows.append(OptimizerRow(label, spec, accs, mean, std))
+        rows.append(row(label, spec, [r["test_accuracy"] for r in records]))
         if label == "fliplstm":
             curves = [r["curve"] for r in records]
     return compare_cell(cell, rows, curves, tuning)
@@ -551,6 +558,10 @@ def _run_cells(ctx: _Context, cells, path) -> SuiteResult:
             f"{list(cell.seeds)} ({time.perf_counter() - t0:.0f} s elapsed)")
         results.append(run_cell(ctx, cell))
     table = format_tables(results)
+    if options.evals >= LATE_EVALS:
+        late = late_scores(results, ctx.store.records, ctx.weights, LATE_EVALS)
+        table += "\n\n" + format_tables(late, f"scored by the mean of the last {LATE_EVALS} "
+                                         "test evaluations (a check of the verdicts above)")
     files = {"results": path, "table": os.path.join(os.fspath(options.output_dir), "suite.md")}
     with open(files["table"], "w") as f:
         f.write(table + "\n")

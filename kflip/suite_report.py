@@ -53,11 +53,13 @@ def format_table(results: Sequence) -> str:
     return "\n".join(lines)
 
 
-def format_tables(results: Sequence) -> str:
+def format_tables(results: Sequence, scored: str = "") -> str:
     """The tuning cells' table and the held-out cells' table, each with its tally and the
-    tuned baselines' choices."""
+    tuned baselines' choices (``scored``, if given, names another score in the titles
+    and leaves the choices out)."""
     parts = []
     for held, title in ((False, "Cells used for tuning decisions"), (True, "Held-out cells")):
+        title += f", {scored}" if scored else ""
         group = [r for r in results if r.cell.held_out == held]
         if not group:
             continue
@@ -65,13 +67,54 @@ def format_tables(results: Sequence) -> str:
         tally = ", ".join(_plural(verdicts.count(v), v) for v in ("win", "tie", "loss"))
         parts += [f"### {title}", "", format_table(group), "",
                   f"FlipLSTM against the best baseline: {tally}.", ""]
-        for r in group:
+        for r in group if not scored else ():
             for label, scores in r.tuning.items():
                 chosen = next(x.spec for x in r.rows if x.label == label)
                 parts.append(f"* {r.cell.name} {label}: {chosen.describe()} (validation "
                              f"{100 * max(a for _, a in scores):.2f}%)")
         parts.append("")
     return "\n".join(parts).rstrip()
+
+
+def late_scores(results: Sequence, records: dict, weights: str, last: int) -> tuple:
+    """The cells of ``results`` again, each test run scored by the mean of its ``last``
+    test evaluations (the last ``last`` points of its curve) instead of its final one.
+
+    A steadier score where test accuracy jumps between evaluations (the residual net
+    moves by up to 18 points from one to the next), for checking that a verdict does
+    not hang on where a run happened to stop. The tuned baselines keep the points the
+    validation split chose. ``records``: ``results.json``'s runs by key; ``weights``:
+    the FlipLSTM rows' :func:`kflip.suite.weights_id`.
+
+    >>> from kflip import suite
+    >>> cell = suite.Cell("cnn", 250, 250, False, (0, 1))
+    >>> curves = {"fliplstm": ([0.9, 0.8, 0.9], [0.9, 0.8, 0.92]),
+    ...           "adam-ste": ([0.5, 0.6, 0.95], [0.5, 0.6, 0.96])}
+    >>> records = {suite.run_key(cell, suite.FIXED[k], s, "test", "W"): {
+    ...     "curve": [[i, a] for i, a in enumerate(c[s])]} for k, c in curves.items() for s in (0, 1)}
+    >>> rows = [suite.row(k, suite.FIXED[k], [c[-1] for c in cs]) for k, cs in curves.items()]
+    >>> final = suite.compare_cell(cell, rows, [])
+    >>> (late,) = late_scores([final], records, "W", last=2)
+    >>> final.best_baseline, round(final.difference.mean, 2)   # on the last evaluation
+    ('adam-ste', -4.5)
+    >>> late.best_baseline, round(late.difference.mean, 2)     # on the mean of the last two
+    ('adam-ste', 7.75)
+    """
+    from kflip import suite
+
+    out = []
+    for r in results:
+        rows, curves = [], []
+        for x in r.rows:
+            runs = [records.get(suite.run_key(r.cell, x.spec, s, "test", weights))
+                    for s in r.cell.seeds]
+            rows.append(suite.row(x.label, x.spec, [
+                None if run is None else float(np.mean([a for _, a in run["curve"][-last:]]))
+                for run in runs]))
+            if x.label == "fliplstm":
+                curves = [run["curve"] for run in runs if run is not None]
+        out.append(suite.compare_cell(r.cell, rows, curves, r.tuning))
+    return tuple(out)
 
 
 def plot_heatmap(results: Sequence, path: str) -> str:

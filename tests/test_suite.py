@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 import kflip
@@ -190,6 +191,11 @@ def test_tiny_suite_cli_then_api_resume(tmp_path):
     assert saved["cells"][0]["verdict"] == cell.verdict
     assert (out / "suite.md").read_text().strip() == second.table
     assert "| digits-mlp@250 | 30 | 2 |" in second.table
+    # the steadier score: each test run's mean over its last 3 evaluations (steps 10-30)
+    late = [np.mean([a for s, a in r["curve"] if s > 0]) for r in test
+            if r["optimizer"] == "fliplstm"]
+    late_tables = second.table.split("scored by the mean of the last 3 test evaluations")
+    assert len(late_tables) == 2 and f"| {100 * np.mean(late):.2f} +- " in late_tables[1]
     assert _is_png(out / "heatmap.png")
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
