@@ -60,7 +60,22 @@ def median_time(fn, repeats):
     return float(np.median(times))
 
 
-def bench_model(name, ds, args, out_root):
+def _in_batches(fn, x, size=1000):
+    """``fn`` applied to ``x`` in batches of ``size``, outputs concatenated."""
+    return np.concatenate([fn(x[i : i + size]) for i in range(0, len(x), size)])
+
+
+def _have_lce() -> bool:
+    """Whether ``larq_compute_engine`` imports."""
+    try:
+        import larq_compute_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _train(name, ds, args):
+    """Build ``name``, snap it binary and train it briefly with FlipLSTM; returns (model, seconds)."""
     tf.keras.utils.set_random_seed(args.seed)
     model = models.build(name, ds.input_shape, ds.num_classes)
     kflip.snap_binary_weights(model)
@@ -78,14 +93,81 @@ def bench_model(name, ds, args, out_root):
         epochs=args.epochs,
         verbose=0,
     )
-    train_s = time.time() - t
+    return model, time.time() - t
+
+
+def _export_and_check(model, name, packed, have_lce, x, keras_out, out_root, row):
+    """Export packed or float, reload it, add sizes and fidelity to ``row``; returns (serving fn, report)."""
+    tag = "packed" if packed else "float"
+    path = os.path.join(out_root, f"{name}_{tag}")
+    report = kflip.export(model, path, packed=packed, tflite=packed and have_lce, sample=x[:256])
+    loaded = tf.saved_model.load(path)
+    fn = loaded.signatures["serving_default"]
+    got = _in_batches(lambda xb: fn(inputs=tf.constant(xb))["output_0"].numpy(), x)
+    row[f"{tag}_saved_model_bytes"] = report["saved_model_bytes"]
+    row[f"{tag}_variables_bytes"] = var_bytes(path)
+    row[f"{tag}_binary_kernel_bytes"] = report["binary_kernel_bytes"]
+    row[f"{tag}_max_abs_diff_vs_keras"] = float(np.max(np.abs(got - keras_out)))
+    row[f"{tag}_argmax_agreement"] = float(np.mean(got.argmax(1) == keras_out.argmax(1)))
+    return fn, report
+
+
+def _check_tflite(report, x, y, keras_out, row):
+    """Run the LCE flatbuffer on ``x``, add size and fidelity to ``row``; returns (interp, interp1)."""
+    from larq_compute_engine.tflite.python.interpreter import Interpreter
+
+    with open(report["tflite_path"], "rb") as fh:
+        flatbuffer = fh.read()
+    interp = Interpreter(flatbuffer, num_threads=1)
+    interp1 = Interpreter(flatbuffer, num_threads=1)
+    lite = _in_batches(interp.predict, x)
+    lite = lite.reshape(keras_out.shape)
+    row["tflite_bytes"] = report["tflite_bytes"]
+    row["tflite_lce_ops"] = report["tflite_lce_ops"]
+    row["tflite_max_abs_diff_vs_keras"] = float(np.max(np.abs(lite - keras_out)))
+    row["tflite_argmax_agreement"] = float(np.mean(lite.argmax(1) == keras_out.argmax(1)))
+    row["tflite_test_accuracy"] = float(np.mean(lite.argmax(1) == y))
+    return interp, interp1
+
+
+def _interleaved_ms(contenders, repeats):
+    """Median (over ``repeats`` interleaved rounds of medians of 5 calls) milliseconds per contender."""
+    for f in contenders.values():
+        f()  # warm up / trace
+    acc = {k: [] for k in contenders}
+    for _ in range(repeats):
+        for k, f in contenders.items():
+            acc[k].append(median_time(f, 5))
+    return {k: round(1000 * float(np.median(v)), 3) for k, v in acc.items()}
+
+
+def _latency(model, serving, interps, x, repeats):
+    """Batch-1 and batch-256 inference latency of Keras, the packed SavedModel and (if any) LCE."""
+    keras_fn = tf.function(lambda t: model(t, training=False))
+    timings = {}
+    for batch in (1, 256):
+        xb = tf.constant(x[:batch])
+        contenders = {
+            "keras": lambda: keras_fn(xb).numpy(),
+            "saved_model_packed": lambda: serving(inputs=xb)["output_0"].numpy(),
+        }
+        if interps is not None:
+            interp, interp1 = interps
+            it = interp1 if batch == 1 else interp
+            xb_np = x[:batch]
+            contenders["tflite_lce"] = lambda: it.predict(xb_np)
+        for k, v in _interleaved_ms(contenders, repeats).items():
+            timings[f"{k}_batch{batch}_ms"] = v
+    return timings
+
+
+def bench_model(name, ds, args, out_root):
+    model, train_s = _train(name, ds, args)
     x, y = ds.x_test, ds.y_test
     # Reference: the Keras inference call (what kflip.export traces), same batches
     # as the SavedModel below. `model.predict` of a jit_compile=True model runs XLA,
     # whose fused float arithmetic may round differently; reported separately.
-    keras_out = np.concatenate(
-        [model(x[i : i + 1000], training=False).numpy() for i in range(0, len(x), 1000)]
-    )
+    keras_out = _in_batches(lambda xb: model(xb, training=False).numpy(), x)
     xla_out = model.predict(x, batch_size=1000, verbose=0)
     row = {
         "model": name,
@@ -96,68 +178,16 @@ def bench_model(name, ds, args, out_root):
         "keras_xla_predict_argmax_agreement": float(np.mean(xla_out.argmax(1) == keras_out.argmax(1))),
     }
 
-    have_lce = True
-    try:
-        import larq_compute_engine  # noqa: F401
-    except ImportError:
-        have_lce = False
-    sample = x[:256]
-    for packed in (True, False):
-        tag = "packed" if packed else "float"
-        path = os.path.join(out_root, f"{name}_{tag}")
-        report = kflip.export(model, path, packed=packed, tflite=packed and have_lce, sample=sample)
-        loaded = tf.saved_model.load(path)
-        fn = loaded.signatures["serving_default"]
-        got = np.concatenate(
-            [fn(inputs=tf.constant(x[i : i + 1000]))["output_0"].numpy() for i in range(0, len(x), 1000)]
-        )
-        row[f"{tag}_saved_model_bytes"] = report["saved_model_bytes"]
-        row[f"{tag}_variables_bytes"] = var_bytes(path)
-        row[f"{tag}_binary_kernel_bytes"] = report["binary_kernel_bytes"]
-        row[f"{tag}_max_abs_diff_vs_keras"] = float(np.max(np.abs(got - keras_out)))
-        row[f"{tag}_argmax_agreement"] = float(np.mean(got.argmax(1) == keras_out.argmax(1)))
-        if packed:
-            serving = fn
-            if have_lce:
-                from larq_compute_engine.tflite.python.interpreter import Interpreter
-
-                with open(report["tflite_path"], "rb") as fh:
-                    flatbuffer = fh.read()
-                interp = Interpreter(flatbuffer, num_threads=1)
-                interp1 = Interpreter(flatbuffer, num_threads=1)
-                lite = np.concatenate([interp.predict(x[i : i + 1000]) for i in range(0, len(x), 1000)])
-                lite = lite.reshape(keras_out.shape)
-                row["tflite_bytes"] = report["tflite_bytes"]
-                row["tflite_lce_ops"] = report["tflite_lce_ops"]
-                row["tflite_max_abs_diff_vs_keras"] = float(np.max(np.abs(lite - keras_out)))
-                row["tflite_argmax_agreement"] = float(np.mean(lite.argmax(1) == keras_out.argmax(1)))
-                row["tflite_test_accuracy"] = float(np.mean(lite.argmax(1) == y))
+    have_lce = _have_lce()
+    serving, report = _export_and_check(model, name, True, have_lce, x, keras_out, out_root, row)
+    interps = _check_tflite(report, x, y, keras_out, row) if have_lce else None
+    _export_and_check(model, name, False, have_lce, x, keras_out, out_root, row)
     row["packed_vs_float_saved_model"] = round(
         row["float_saved_model_bytes"] / row["packed_saved_model_bytes"], 2
     )
 
     # Inference latency, interleaved (median over repeats).
-    keras_fn = tf.function(lambda t: model(t, training=False))
-    timings = {}
-    for batch in (1, 256):
-        xb = tf.constant(x[:batch])
-        contenders = {
-            "keras": lambda: keras_fn(xb).numpy(),
-            "saved_model_packed": lambda: serving(inputs=xb)["output_0"].numpy(),
-        }
-        if have_lce:
-            it = interp1 if batch == 1 else interp
-            xb_np = x[:batch]
-            contenders["tflite_lce"] = lambda: it.predict(xb_np)
-        for f in contenders.values():
-            f()  # warm up / trace
-        acc = {k: [] for k in contenders}
-        for _ in range(args.repeats):
-            for k, f in contenders.items():
-                acc[k].append(median_time(f, 5))
-        for k, v in acc.items():
-            timings[f"{k}_batch{batch}_ms"] = round(1000 * float(np.median(v)), 3)
-    row["latency"] = timings
+    row["latency"] = _latency(model, serving, interps, x, args.repeats)
     return row
 
 

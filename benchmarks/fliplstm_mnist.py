@@ -141,7 +141,8 @@ def ratio_interval(times, name, reference="bop"):
             "rounds": len(times[name])}
 
 
-def main(argv=None):
+def _parse_args(argv):
+    """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default="../shared/data")
     p.add_argument("--dataset", default="mnist")
@@ -158,61 +159,94 @@ def main(argv=None):
     p.add_argument("--first-step-repeats", type=int, default=3,
                    help="fresh models per optimizer for the time to the first step (0: skip)")
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    ds = data.load(args.dataset, data_dir=args.data_dir)
-    result = {"command": "python benchmarks/fliplstm_mnist.py " + " ".join(argv or os.sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "tensorflow": tf.__version__, "kflip": kflip.__version__},
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "lstm_weights": kflip.cell.load_weights(args.lstm_weights).metadata,
-              "runs": []}
-    if not args.skip_timing:
-        if args.first_step_repeats:
-            rounds = first_step_times(args.optimizers, args.model, ds, args, args.first_step_repeats)
-            first = {n: float(np.median(t)) for n, t in rounds.items()}
-            result["first_step_s"], result["first_step_rounds_s"] = first, rounds
-            print("first step incl. compile, median (s):", {n: round(v, 2) for n, v in first.items()}, flush=True)
-            if "bop" in first:
-                result["first_step_ratio_to_bop"] = {n: v / first["bop"] for n, v in first.items()}
-                print("ratio of medians to Bop:", {n: round(v, 3) for n, v in result["first_step_ratio_to_bop"].items()})
-                if len(rounds["bop"]) > 1:
-                    ci = {n: ratio_interval(rounds, n) for n in rounds if n != "bop"}
-                    result["first_step_ratio_ci"] = ci
-                    for n, c in ci.items():
-                        print(f"{n} / bop per round: {c['ratio']:.3f} [{c['low']:.3f}, {c['high']:.3f}] "
-                              f"(geometric mean, 95% CI, {c['rounds']} rounds)", flush=True)
-        t, c = step_times(args.optimizers, args.model, ds, args, repeats=args.timing_repeats)
-        result["step_time_s"] = t
-        result["step_cpu_s"] = c
-        if "bop" in t:
-            result["step_time_ratio_to_bop"] = {n: v / t["bop"] for n, v in t.items()}
-            result["step_cpu_ratio_to_bop"] = {n: v / c["bop"] for n, v in c.items()}
-        print("step time (ms):", {n: round(v * 1e3, 3) for n, v in t.items()}, flush=True)
-        print("step CPU (ms): ", {n: round(v * 1e3, 3) for n, v in c.items()}, flush=True)
-        if "bop" in t:
-            print("ratio to Bop (wall):", {n: round(v, 3) for n, v in result["step_time_ratio_to_bop"].items()})
-            print("ratio to Bop (CPU): ", {n: round(v, 3) for n, v in result["step_cpu_ratio_to_bop"].items()})
-    if args.timing_only:
-        args.seeds = []
+    return p.parse_args(argv)
+
+
+def _new_result(args, argv):
+    """The result record's header (command, machine, date, LSTM weights) with no runs yet."""
+    return {"command": "python benchmarks/fliplstm_mnist.py " + " ".join(argv or os.sys.argv[1:]),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "tensorflow": tf.__version__, "kflip": kflip.__version__},
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "lstm_weights": kflip.cell.load_weights(args.lstm_weights).metadata,
+            "runs": []}
+
+
+def _time_first_step(args, ds, result):
+    """Time to the first train step (incl. compile) per optimizer, and its ratio to Bop, into ``result``."""
+    rounds = first_step_times(args.optimizers, args.model, ds, args, args.first_step_repeats)
+    first = {n: float(np.median(t)) for n, t in rounds.items()}
+    result["first_step_s"], result["first_step_rounds_s"] = first, rounds
+    print("first step incl. compile, median (s):", {n: round(v, 2) for n, v in first.items()}, flush=True)
+    if "bop" in first:
+        result["first_step_ratio_to_bop"] = {n: v / first["bop"] for n, v in first.items()}
+        ratios = result["first_step_ratio_to_bop"]
+        print("ratio of medians to Bop:", {n: round(v, 3) for n, v in ratios.items()})
+        if len(rounds["bop"]) > 1:
+            ci = {n: ratio_interval(rounds, n) for n in rounds if n != "bop"}
+            result["first_step_ratio_ci"] = ci
+            for n, c in ci.items():
+                print(f"{n} / bop per round: {c['ratio']:.3f} [{c['low']:.3f}, {c['high']:.3f}] "
+                      f"(geometric mean, 95% CI, {c['rounds']} rounds)", flush=True)
+
+
+def _time_steps(args, ds, result):
+    """Steady-state train-step wall and CPU time per optimizer, and their ratios to Bop, into ``result``."""
+    t, c = step_times(args.optimizers, args.model, ds, args, repeats=args.timing_repeats)
+    result["step_time_s"] = t
+    result["step_cpu_s"] = c
+    if "bop" in t:
+        result["step_time_ratio_to_bop"] = {n: v / t["bop"] for n, v in t.items()}
+        result["step_cpu_ratio_to_bop"] = {n: v / c["bop"] for n, v in c.items()}
+    print("step time (ms):", {n: round(v * 1e3, 3) for n, v in t.items()}, flush=True)
+    print("step CPU (ms): ", {n: round(v * 1e3, 3) for n, v in c.items()}, flush=True)
+    if "bop" in t:
+        print("ratio to Bop (wall):", {n: round(v, 3) for n, v in result["step_time_ratio_to_bop"].items()})
+        print("ratio to Bop (CPU): ", {n: round(v, 3) for n, v in result["step_cpu_ratio_to_bop"].items()})
+
+
+def _write(result, path):
+    """Write ``result`` to ``path`` if one is given."""
+    if path:
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+def _train_all(args, ds, result):
+    """Train every optimizer for every seed, appending rows to ``result`` (rewritten after each run)."""
     for seed in args.seeds:
         for name in args.optimizers:
             row = train_one(name, args.model, ds, seed, args)
             result["runs"].append(row)
             print(f"{name:18s} seed {seed}: test acc {row['final_test_acc']:.4f} "
-                  f"(per epoch {[round(a, 4) for a in row['test_acc']]}) wall {row['wall_s']:.0f}s", flush=True)
-            if args.out:
-                with open(args.out, "w") as fh:
-                    json.dump(result, fh, indent=1)
+                  f"(per epoch {[round(a, 4) for a in row['test_acc']]}) "
+                  f"wall {row['wall_s']:.0f}s", flush=True)
+            _write(result, args.out)
+
+
+def _summarize(args, result):
+    """Mean and std of the final test accuracy per optimizer (empty without seeds); printed."""
     summary = {}
     for name in args.optimizers if args.seeds else []:
         accs = [r["final_test_acc"] for r in result["runs"] if r["optimizer"] == name]
         summary[name] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n": len(accs)}
         print(f"{name:18s} {100 * np.mean(accs):.2f} +/- {100 * np.std(accs):.2f} % (n={len(accs)})")
-    result["summary"] = summary
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
+    return summary
 
+
+def main(argv=None):
+    args = _parse_args(argv)
+    ds = data.load(args.dataset, data_dir=args.data_dir)
+    result = _new_result(args, argv)
+    if not args.skip_timing:
+        if args.first_step_repeats:
+            _time_first_step(args, ds, result)
+        _time_steps(args, ds, result)
+    if args.timing_only:
+        args.seeds = []
+    _train_all(args, ds, result)
+    result["summary"] = _summarize(args, result)
+    _write(result, args.out)
 
 if __name__ == "__main__":
     main()

@@ -153,7 +153,8 @@ def init_sweep(path):
                       "date": datetime.datetime.utcnow().strftime("%Y-%m-%dT%H:%M:%SZ")})
 
 
-def main(argv=None):
+def _parse_args(argv):
+    """Parse the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="/work/shared/data")
     p.add_argument("--models", default="mlp,cnn")
@@ -170,13 +171,11 @@ def main(argv=None):
                    help="loop order: all seeds of one method first, or one seed of every method first")
     p.add_argument("--init-sweep", action="store_true",
                    help="only score Bop inits on meta-training tasks (no MNIST) -> results/meta_init_sweep.json")
-    args = p.parse_args(argv)
-    os.makedirs(os.path.dirname(args.runs), exist_ok=True)
-    if args.init_sweep:
-        return init_sweep(os.path.join(RESULTS, "meta_init_sweep.json"))
-    ds = data.load("mnist", data_dir=args.data_dir)
-    runs = _load_runs(args.runs)
-    done = {_key(r) for r in runs}
+    return p.parse_args(argv)
+
+
+def _recorder(runs_path, runs, done):
+    """A function that stamps a finished run, adds it to ``runs``/``done``, saves and prints it."""
     command = "python " + " ".join([os.path.relpath(__file__, os.getcwd())] + sys.argv[1:])
 
     def record(r):
@@ -184,33 +183,46 @@ def main(argv=None):
         r["command"] = command
         runs.append(r)
         done.add(_key(r))
-        _save_json(args.runs, runs)
+        _save_json(runs_path, runs)
         print(json.dumps(r), flush=True)
 
-    # ---- Bop sweep on a validation split ----------------------------------------
+    return record
+
+
+def _sweep_bop(args, ds, runs, done, record):
+    """Bop sweep on a 5k validation split (MLP, one seed); returns the best hyperparameters."""
+    val = ds.validation_split(5000)
+    best = None
+    for gamma in SWEEP_GAMMAS:
+        for thr in SWEEP_THRESHOLDS:
+            hyper = {"threshold": thr, "gamma": gamma}
+            r = {"stage": "sweep", "model": "mlp", "method": "bop", "seed": 0,
+                 "epochs": args.sweep_epochs, "hyper": hyper}
+            if _key(r) in done:
+                r = next(x for x in runs if _key(x) == _key(r))
+            else:
+                r.update(train_eval("mlp", lambda: bop(thr, gamma), val, 0, args.sweep_epochs))
+                r["val_accuracy"] = r.pop("test_accuracy")
+                record(r)
+            if best is None or r["val_accuracy"] > best[0]:
+                best = (r["val_accuracy"], hyper)
+    print("bop sweep picked", best[1], "val acc", best[0], flush=True)
+    return best[1]
+
+
+def _bop_hyper(args, ds, runs, done, record):
+    """Bop's threshold and gamma: the default, the ``--sweep`` pick, or ``--bop`` (which wins)."""
     bop_hyper = {"threshold": 1e-6, "gamma": 1e-3}
     if args.sweep:
-        val = ds.validation_split(5000)
-        best = None
-        for gamma in SWEEP_GAMMAS:
-            for thr in SWEEP_THRESHOLDS:
-                hyper = {"threshold": thr, "gamma": gamma}
-                r = {"stage": "sweep", "model": "mlp", "method": "bop", "seed": 0,
-                     "epochs": args.sweep_epochs, "hyper": hyper}
-                if _key(r) in done:
-                    r = next(x for x in runs if _key(x) == _key(r))
-                else:
-                    r.update(train_eval("mlp", lambda: bop(thr, gamma), val, 0, args.sweep_epochs))
-                    r["val_accuracy"] = r.pop("test_accuracy")
-                    record(r)
-                if best is None or r["val_accuracy"] > best[0]:
-                    best = (r["val_accuracy"], hyper)
-        bop_hyper = best[1]
-        print("bop sweep picked", bop_hyper, "val acc", best[0], flush=True)
+        bop_hyper = _sweep_bop(args, ds, runs, done, record)
     if args.bop:
         thr, gamma = (float(s) for s in args.bop.split(","))
         bop_hyper = {"threshold": thr, "gamma": gamma}
+    return bop_hyper
 
+
+def _methods(args, bop_hyper):
+    """(name, hyper, optimizer factory) for Bop (unless ``--no-bop``) and every ``--flip``."""
     methods = []
     if not args.no_bop:
         methods.append(("bop", bop_hyper, lambda h=bop_hyper: bop(h["threshold"], h["gamma"])))
@@ -218,7 +230,11 @@ def main(argv=None):
         name, spec = item.split("=", 1)
         w = flip_weights(spec)
         methods.append((name, {"weights": spec}, lambda w=w: kflip.FlipLSTM(weights=w)))
+    return methods
 
+
+def _jobs(args, methods):
+    """(model, method, seed) triples in ``--order``."""
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = []
     for model_name in args.models.split(","):
@@ -226,7 +242,22 @@ def main(argv=None):
             jobs += [(model_name, m, s) for m in methods for s in seeds]
         else:
             jobs += [(model_name, m, s) for s in seeds for m in methods]
-    for model_name, (name, hyper, make), seed in jobs:
+    return jobs
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    os.makedirs(os.path.dirname(args.runs), exist_ok=True)
+    if args.init_sweep:
+        return init_sweep(os.path.join(RESULTS, "meta_init_sweep.json"))
+    ds = data.load("mnist", data_dir=args.data_dir)
+    runs = _load_runs(args.runs)
+    done = {_key(r) for r in runs}
+    record = _recorder(args.runs, runs, done)
+
+    bop_hyper = _bop_hyper(args, ds, runs, done, record)
+    methods = _methods(args, bop_hyper)
+    for model_name, (name, hyper, make), seed in _jobs(args, methods):
         r = {"stage": "eval", "model": model_name, "method": name, "seed": seed,
              "epochs": args.epochs, "hyper": hyper}
         if _key(r) in done:
