@@ -221,6 +221,17 @@ def test_es_gradient_points_along_true_gradient():
     assert cos > 0.9
 
 
+def test_gradient_agreement_compares_independent_draws():
+    tiny = meta.MetaConfig(pairs=2, horizon=5, train_examples=64, families=("mlp-32",))
+    cos = meta.gradient_agreement(tiny, draws=3, workers=1)
+    np.testing.assert_allclose(np.diag(cos), 1.0)
+    np.testing.assert_allclose(cos, cos.T)
+    off = cos[~np.eye(3, dtype=bool)]
+    assert np.all(np.abs(off) <= 1 + 1e-12) and np.all(off < 1 - 1e-6)  # the draws differ
+    with pytest.raises(ValueError, match="`draws`"):
+        meta.gradient_agreement(tiny, draws=1, workers=1)
+
+
 def test_centered_ranks():
     r = meta.centered_ranks([3.0, -1.0, 10.0, 0.0])
     np.testing.assert_allclose(r, [1 / 6, -0.5, 0.5, -1 / 6])

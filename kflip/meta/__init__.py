@@ -62,12 +62,13 @@ from kflip.meta.estimators import (  # noqa: E402
     iteration_draws,
 )
 from kflip.meta.inspect import decision_map, flip_probability, plot_rule  # noqa: E402
-from kflip.meta.loop import MetaState, load_checkpoint, meta_train, save_checkpoint  # noqa: E402
+from kflip.meta.loop import (  # noqa: E402
+    MetaState, gradient_agreement, load_checkpoint, meta_train, save_checkpoint)
 
 __all__ = [
     "AntitheticES", "GradientEstimator", "INITS", "MetaConfig", "MetaState", "Proposal",
     "add_arguments", "centered_ranks", "config_from_args", "coordinate_scales",
-    "decision_map", "es_gradient", "flip_probability", "initial_weights",
+    "decision_map", "es_gradient", "flip_probability", "gradient_agreement", "initial_weights",
     "iteration_draws", "load_checkpoint", "main", "meta_train", "plot_rule", "run",
     "sample_tasks", "save_checkpoint", "trainable_mask", "validation_tasks",
 ]

@@ -231,13 +231,18 @@ class _Trainer:
             state.best = dict(entry, x=x.tolist())
         return entry
 
+    def estimate(self, z: np.ndarray, iteration: int):
+        """(gradient, proposal, results): the estimate at ``z`` from ``iteration``'s draws."""
+        proposal = self.estimator.propose(z, iteration)
+        res = self._map([self.to_x(p) for p in proposal.points], proposal.tasks)
+        grad = self.estimator.gradient(proposal, np.array([r["meta_loss"] for r in res]))
+        return grad, proposal, res
+
     def step(self, state: MetaState) -> dict:
         """One outer iteration on ``state`` (in place); returns its log entry."""
         t0, it = time.time(), state.iteration
-        proposal = self.estimator.propose(state.z, it)
-        res = self._map([self.to_x(p) for p in proposal.points], proposal.tasks)
+        grad, proposal, res = self.estimate(state.z, it)
         losses = np.array([r["meta_loss"] for r in res])
-        grad = self.estimator.gradient(proposal, losses)
         state.z, state.adam = self.adam.update(grad, state.adam, state.z)
         state.iteration = it + 1
         entry = {
@@ -330,6 +335,37 @@ def meta_train(
     if out:
         weights.save(out)
     return weights
+
+
+def gradient_agreement(config: MetaConfig | None = None, *, draws: int = 4,
+                       workers: int = 2) -> np.ndarray:
+    """Cosines between ``draws`` independent gradient estimates at the start point.
+
+    Draw ``i`` is what iteration ``i`` of :func:`meta_train` would estimate at the
+    config's initial weights (``config.pairs`` pairs, each on its own task; draw 0 is
+    the run's first step). If each estimate is the true gradient plus independent
+    noise, the mean cosine between two draws estimates the squared cosine between
+    one draw and the true gradient: near 0, a step follows noise; near 1, signal.
+    Returns the ``[draws, draws]`` matrix (1 on the diagonal).
+
+    >>> from kflip.meta import MetaConfig, gradient_agreement
+    >>> tiny = MetaConfig(pairs=2, horizon=5, train_examples=64, families=("mlp-32",))
+    >>> cos = gradient_agreement(tiny, draws=2, workers=1)
+    >>> cos.shape, bool(abs(cos[0, 1]) <= 1)
+    ((2, 2), True)
+    """
+    config = _check_run(config, workers, 1, False, None, None)
+    if not isinstance(draws, int) or draws < 2:
+        raise ValueError(f"`draws` must be an int >= 2, got {draws!r}.")
+    w0 = config_lib.initial_weights(config)
+    runner = _Runner(workers, config.hidden_size, w0.beta, w0.eps)
+    try:
+        trainer = _Trainer(config, runner, None)
+        grads = [trainer.estimate(np.zeros(len(trainer.x0)), i)[0] for i in range(draws)]
+    finally:
+        runner.close()
+    unit = np.array([g / max(np.linalg.norm(g), 1e-300) for g in grads])
+    return unit @ unit.T
 
 
 def _loop(trainer: _Trainer, state: MetaState, log, checkpoint, every, max_minutes, quiet):
