@@ -12,7 +12,8 @@ with the real hard flips ``theta <- theta * sign(y)`` in the inner loop. The par
   program, with the same :class:`kflip.rule.FlipRule` as FlipLSTM;
 * :mod:`kflip.meta.estimators`: the gradient-estimator protocol and antithetic ES;
 * :mod:`kflip.meta.loop`: the outer loop over a typed :class:`MetaState`, with
-  checkpoints (JSON) and model selection on fixed validation tasks;
+  checkpoints (JSON) and model selection on fixed validation tasks, and
+  :func:`gradient_agreement`, how much of an estimate is signal;
 * :mod:`kflip.meta.inspect`: decision maps and flip probabilities of a rule.
 
 The inner loss is a step function of the LSTM weights (a flip either happens or
