@@ -557,7 +557,7 @@ def _run_cells(ctx: _Context, cells, path) -> SuiteResult:
         say(f"[{i + 1}/{len(cells)}] {cell.name}: {cell.steps} steps, seeds "
             f"{list(cell.seeds)} ({time.perf_counter() - t0:.0f} s elapsed)")
         results.append(run_cell(ctx, cell))
-    table = format_tables(results)
+    table, late = format_tables(results), ()
     if options.evals >= LATE_EVALS:
         late = late_scores(results, ctx.store.records, ctx.weights, LATE_EVALS)
         table += "\n\n" + format_tables(late, f"scored by the mean of the last {LATE_EVALS} "
@@ -567,7 +567,8 @@ def _run_cells(ctx: _Context, cells, path) -> SuiteResult:
         f.write(table + "\n")
     if options.plots:
         files["heatmap"] = plot_heatmap(results, os.path.join(options.output_dir, "heatmap.png"))
-    ctx.store.save({"cells": [cell_json(r) for r in results], "table": table, "files": files})
+    ctx.store.save({"cells": [cell_json(r) for r in results], "table": table, "files": files,
+                    "late_cells": [dict(cell_json(r), late_evals=LATE_EVALS) for r in late]})
     say(table)
     say(f"{ctx.store.ran} run(s) trained, {ctx.store.skipped} reused; wrote "
         + ", ".join(files.values()))

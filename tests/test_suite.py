@@ -196,6 +196,8 @@ def test_tiny_suite_cli_then_api_resume(tmp_path):
             if r["optimizer"] == "fliplstm"]
     late_tables = second.table.split("scored by the mean of the last 3 test evaluations")
     assert len(late_tables) == 2 and f"| {100 * np.mean(late):.2f} +- " in late_tables[1]
+    (late_cell,) = json.loads((out / "results.json").read_text())["late_cells"]
+    assert late_cell["rows"][0]["mean"] == pytest.approx(np.mean(late))
     assert _is_png(out / "heatmap.png")
     assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
 
