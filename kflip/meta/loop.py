@@ -9,6 +9,7 @@ initialisation included). A checkpoint is the state written as JSON (no pickle).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import multiprocessing
@@ -260,6 +261,17 @@ class _Trainer:
         return entry
 
 
+@contextlib.contextmanager
+def _session(config: MetaConfig, workers: int, estimator: GradientEstimator | None = None):
+    """A :class:`_Trainer` of ``config`` whose worker pool is closed on leaving."""
+    w0 = config_lib.initial_weights(config)
+    runner = _Runner(workers, config.hidden_size, w0.beta, w0.eps)
+    try:
+        yield _Trainer(config, runner, estimator)
+    finally:
+        runner.close()
+
+
 def _check_run(config, workers, checkpoint_every, resume, checkpoint, max_minutes) -> MetaConfig:
     config = config or MetaConfig()
     if not isinstance(config, MetaConfig):
@@ -319,18 +331,13 @@ def meta_train(
     for path in (out, log, checkpoint):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    w0 = config_lib.initial_weights(config)
-    runner = _Runner(workers, config.hidden_size, w0.beta, w0.eps)
-    try:
-        trainer = _Trainer(config, runner, estimator)
+    with _session(config, workers, estimator) as trainer:
         state = MetaState.start(config, len(trainer.x0))
         if resume and os.path.exists(checkpoint):
             state = load_checkpoint(checkpoint, config)
         if log:
             _truncate_log(log, state.iteration)
         _loop(trainer, state, log, checkpoint, checkpoint_every, max_minutes, quiet)
-    finally:
-        runner.close()
     weights = _output(trainer, state, workers)
     if out:
         weights.save(out)
@@ -357,13 +364,8 @@ def gradient_agreement(config: MetaConfig | None = None, *, draws: int = 4,
     config = _check_run(config, workers, 1, False, None, None)
     if not isinstance(draws, int) or draws < 2:
         raise ValueError(f"`draws` must be an int >= 2, got {draws!r}.")
-    w0 = config_lib.initial_weights(config)
-    runner = _Runner(workers, config.hidden_size, w0.beta, w0.eps)
-    try:
-        trainer = _Trainer(config, runner, None)
+    with _session(config, workers) as trainer:
         grads = [trainer.estimate(np.zeros(len(trainer.x0)), i)[0] for i in range(draws)]
-    finally:
-        runner.close()
     unit = np.array([g / max(np.linalg.norm(g), 1e-300) for g in grads])
     return unit @ unit.T
 
