@@ -502,34 +502,36 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     """Features of :data:`FEATURES` and the updated per-tensor second moment.
 
     ``step`` is the 1-based step count used for bias correction of ``v``.
-    Non-finite gradient entries are replaced by 0 (and count as 0 in the moment).
-    Returns ``(features, v_new, finite)``: the F feature tensors, the new moment and
-    the mask of gradient entries that were used.
+    Returns ``(features, v_new, ok)``: the F feature tensors, the new moment and a
+    scalar that is False when the step must be skipped for this tensor: some
+    gradient entry is NaN or Inf, or ``mean(g**2)`` overflows (a finite spike
+    whose square is +inf would otherwise pin ``v`` at +inf for good). Then ``v`` is
+    kept, and the caller flips nothing and keeps the state.
 
     Example:
       >>> import kflip
       >>> import numpy as np
       >>> import tensorflow as tf
       >>> theta, grad = tf.constant([1.0, -1.0]), tf.constant([0.5, 0.5])
-      >>> (tg, tg_norm), v, finite = kflip.cell.features_and_moment(
+      >>> (tg, tg_norm), v, ok = kflip.cell.features_and_moment(
       ...     theta, grad, v=tf.constant(0.0), step=1, beta=0.5, eps=1e-20)
-      >>> tg.numpy(), tg_norm.numpy(), float(v)  # v = 0.5 * mean(g**2)
-      (array([ 0.5, -0.5], dtype=float32), array([ 1., -1.], dtype=float32), 0.125)
+      >>> tg.numpy(), tg_norm.numpy(), float(v), bool(ok)  # v = 0.5 * mean(g**2)
+      (array([ 0.5, -0.5], dtype=float32), array([ 1., -1.], dtype=float32), 0.125, True)
       >>> grad = tf.constant([0.5, np.nan])
-      >>> kflip.cell.features_and_moment(theta, grad, tf.constant(0.0), 1, 0.5, 1e-20)[2]
-      <tf.Tensor: shape=(2,), dtype=bool, numpy=array([ True, False])>
+      >>> _, v, ok = kflip.cell.features_and_moment(theta, grad, tf.constant(0.0), 1, 0.5, 1e-20)
+      >>> float(v), bool(ok)
+      (0.0, False)
     """
-    finite = tf.math.is_finite(grad)
-    g = tf.where(finite, grad, tf.constant(0, grad.dtype))
-    mean_sq = fast_sum(tf.square(g)) / float(max(g.shape.num_elements() or 1, 1))
-    # A finite spike whose square overflows would pin ``v`` at +inf for good (every
-    # later feature 1 would be 0): such a step is skipped like a non-finite gradient.
-    no_overflow = tf.math.is_finite(mean_sq)
-    finite = tf.logical_and(finite, no_overflow)
-    v_new = tf.where(no_overflow, beta * v + (1.0 - beta) * mean_sq, v)
+    # NaN and Inf entries make the sum non-finite. (The `where` changes no value, but
+    # without it XLA fuses the sum differently and rounds the moment differently from
+    # the code the shipped weights were measured with.)
+    g = tf.where(tf.math.is_finite(grad), grad, tf.constant(np.nan, grad.dtype))
+    mean_sq = fast_sum(tf.square(g)) / float(max(grad.shape.num_elements() or 1, 1))
+    ok = tf.math.is_finite(mean_sq)
+    v_new = tf.where(ok, beta * v + (1.0 - beta) * mean_sq, v)
     v_hat = bias_corrected(v_new, beta, step)
-    tg = theta * g
-    return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, finite
+    tg = theta * grad
+    return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, ok
 
 
 def bias_corrected(v, beta: float, step):

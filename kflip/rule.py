@@ -128,8 +128,9 @@ class FlipRule:
     def update(self, grads, state: FlipState, params):
         """``(signs, new_state)``: ``params * signs`` are the new binary weights.
 
-        ``params`` must be exactly +-1. Where a gradient is NaN/Inf (or its square
-        overflows), nothing flips and that tensor's state is left as it was.
+        ``params`` must be exactly +-1. A tensor whose gradient has a NaN or Inf entry
+        (or whose ``mean(g**2)`` overflows) skips the step: nothing in it flips and
+        its state is left as it was.
         """
         outs = [self._update_one(one, g, state.step) for one, g in _zip(params, grads, state)]
         return self._collect(params, outs, state.step)
@@ -153,51 +154,51 @@ class FlipRule:
     # ---- one tensor ------------------------------------------------------------------
     def _update_one(self, old: _One, grad, step) -> _One:
         theta = old.sign
-        y, new, finite = self._cell(theta, grad, old, step)
-        flip = tf.logical_and(y < -self.flip_threshold, finite)
+        y, new, ok = self._cell(theta, grad, old, step)
+        flip = tf.logical_and(y < -self.flip_threshold, ok)
         if self.max_flip_rate is not None:
             n = int(theta.shape.num_elements())
             flip = _limit_flips(flip, y, max(1, int(math.floor(self.max_flip_rate * n))))
         s = tf.where(flip, tf.constant(-1, theta.dtype), tf.constant(1, theta.dtype))
-        return self._finish(s, finite, new, old, flipped=flip)
+        return self._finish(s, ok, new, old, flipped=flip)
 
     def _latent_one(self, old: _One, grad, step, learning_rate, clip):
         w = old.sign
         theta = cell_lib.sign_pm1(w)
-        y, new, finite = self._cell(theta, grad, old, step)
-        y = tf.where(finite, y, tf.zeros_like(y))
+        y, new, ok = self._cell(theta, grad, old, step)
+        y = tf.where(ok, y, tf.zeros_like(y))
         n = float(max(y.shape.num_elements() or 1, 1))
         rms = tf.sqrt(cell_lib.fast_sum(tf.square(y)) / n)
         w_new = w + learning_rate * theta * y / (rms + 1e-30)
         if clip is not None:
             w_new = tf.clip_by_value(w_new, -clip, clip)
-        w_new = tf.where(finite, w_new, w)
+        w_new = tf.where(ok, w_new, w)
         s = cell_lib.sign_pm1(w_new) * theta
-        return w_new, self._finish(s, finite, new, old)
+        return w_new, self._finish(s, ok, new, old)
 
     def _cell(self, theta, grad, old: _One, step):
-        """``(y, new, finite)``: the output, the new state (frame of ``theta``) and the
-        mask of finite gradient entries."""
+        """``(y, new, ok)``: the output, the new state (frame of ``theta``) and whether
+        the gradient is usable (a scalar; see :func:`kflip.cell.features_and_moment`)."""
         step = tf.cast(step + 1, theta.dtype)
-        feats, v_new, finite = cell_lib.features_and_moment(
+        feats, v_new, ok = cell_lib.features_and_moment(
             theta, grad, old.v, step, self.beta, self.eps
         )
         if not self.conditioned:
             y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c)
-            return y, _One(None, h_new, c_new, v_new, old.flips), finite
+            return y, _One(None, h_new, c_new, v_new, old.flips), ok
         v_hat = cell_lib.bias_corrected(v_new, self.beta, step)
         phi, v_slow = conditioning.features(theta, old.tensor, v_hat, step, self.eps)
         gate_offsets, out_scale = conditioning.offsets(self.cell.tensor_kernel, phi)
         y, h_new, c_new = cell_lib.lstm_cell(self.cell, feats, old.h, old.c, gate_offsets, out_scale)
         tensor = old.tensor._replace(v_slow=v_slow)
-        return y, _One(None, h_new, c_new, v_new, old.flips, tensor), finite
+        return y, _One(None, h_new, c_new, v_new, old.flips, tensor), ok
 
     @staticmethod
-    def _finish(s, finite, new: _One, old: _One, flipped=None) -> _One:
-        """The new state in the frame of ``theta * s`` (the old one where grad was not
-        finite) and the flip count (``flipped``: the mask ``s < 0`` if known)."""
-        keep, s_col = tf.expand_dims(finite, -1), tf.expand_dims(s, -1)
-        h, c = (tf.where(keep, a * s_col, b) for a, b in ((new.h, old.h), (new.c, old.c)))
+    def _finish(s, ok, new: _One, old: _One, flipped=None) -> _One:
+        """The new state in the frame of ``theta * s`` (the old one unless ``ok``) and
+        the flip count (``flipped``: the mask ``s < 0`` if known)."""
+        s_col = tf.expand_dims(s, -1)
+        h, c = (tf.where(ok, a * s_col, b) for a, b in ((new.h, old.h), (new.c, old.c)))
         if flipped is None:
             flipped = s < 0
         count = cell_lib.count_true(flipped)
@@ -205,6 +206,7 @@ class FlipRule:
         if tensor is not None:
             tensor = tensor._replace(
                 rate=conditioning.next_rate(tensor, count, int(s.shape.num_elements())))
+            tensor = type(tensor)(*(tf.where(ok, a, b) for a, b in zip(tensor, old.tensor)))
         return _One(s, h, c, new.v, old.flips + tf.cast(count, tf.int64), tensor)
 
     @staticmethod
