@@ -490,12 +490,17 @@ def fast_sum(x):
 def count_true(mask):
     """Number of True entries of ``mask`` (a float32 scalar, exact below 2**24).
 
-    The 0/1 mask dotted with itself: XLA:CPU runs a vector dot in its dot runtime,
-    where a ``reduce_sum`` (or :func:`fast_sum`, which XLA now rewrites into one)
-    compiles three more kernels per tensor and slows the first step.
+    :func:`fast_sum` of the 0/1 mask: XLA fuses the mask into a vectorised row
+    reduction. (A vector dot of the mask with itself compiles two kernels fewer per
+    tensor, but XLA:CPU runs that dot as one slow loop: the FlipLSTM update on the
+    MNIST MLP's kernels took 2.85 ms with it, 1.90 ms with this; Bop 0.97 ms.)
+
+    Example:
+      >>> import kflip
+      >>> float(kflip.cell.count_true([[True, False], [True, True]]))
+      3.0
     """
-    x = tf.reshape(tf.cast(mask, tf.float32), [1, -1])
-    return tf.reshape(tf.matmul(x, x, transpose_b=True), [])
+    return fast_sum(tf.cast(mask, tf.float32))
 
 
 def features_and_moment(theta, grad, v, step, beta: float, eps: float):
