@@ -191,7 +191,7 @@ class FlipLSTM(Optimizer):
         """Optimizer-state bytes per binary weight (the LSTM ``h`` and ``c``)."""
         return cell_lib.state_bytes_per_weight(self.hidden_size)
 
-    def _state_slot_names(self):
+    def _cell_slot_names(self):
         hidden = range(self.hidden_size)
         return [f"h{k}" for k in hidden] + [f"c{k}" for k in hidden]
 
@@ -263,7 +263,7 @@ class FlipLSTM(Optimizer):
                 )
             # One slot per hidden unit, each of the variable's shape: contiguous for
             # XLA, and restorable by every Keras save path (they assume var shape).
-            for name in self._state_slot_names():
+            for name in self._cell_slot_names():
                 self.add_slot(var, name)
             self.add_slot(var, "v", shape=_SLOT_SHAPES["v"])
             # Cumulative flips as [low, high] words of the variable's dtype (low <
@@ -323,58 +323,81 @@ class FlipLSTM(Optimizer):
         return tf.group(*ops)
 
     # ---- Keras slots <-> FlipState ------------------------------------------------
+    def _state_slots(self) -> list:
+        extra = ["tensor"] if self.lstm_weights.conditioned else []
+        return self._cell_slot_names() + ["v", "flips"] + extra
+
+    def _slot_values(self, var) -> list:
+        return [tf.convert_to_tensor(self.get_slot(var, n)) for n in self._state_slots()]
+
+    def _to_state(self, values, step) -> rule_lib.FlipState:
+        """The rule's state from the slot values (in :meth:`_state_slots` order)."""
+        hidden = self.hidden_size
+        h, c, (v, counter, *tensor) = values[:hidden], values[hidden : 2 * hidden], values[2 * hidden :]
+        low, high = tf.unstack(tf.cast(counter, tf.int64))
+        return rule_lib.FlipState(
+            h=tf.stack(h, axis=-1),
+            c=tf.stack(c, axis=-1),
+            v=v,
+            step=tf.cast(step, tf.int64),
+            flips=high * _COUNTER_BASE + low,
+            tensor=conditioning.TensorState(*tf.unstack(tensor[0])) if tensor else (),
+        )
+
+    @staticmethod
+    def _to_values(state: rule_lib.FlipState, counter_dtype) -> list:
+        """The slot values of ``state`` (``step`` is Keras' ``iterations``)."""
+        base = _COUNTER_BASE
+        words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter_dtype)
+        tensor = [tf.stack(list(state.tensor))] if state.tensor else []
+        return tf.unstack(state.h, axis=-1) + tf.unstack(state.c, axis=-1) + [state.v, words] + tensor
+
     def _state(self, var) -> rule_lib.FlipState:
         """The rule's state of ``var``, read from its slots."""
-        hidden = range(self.hidden_size)
-        low, high = tf.unstack(tf.cast(self.get_slot(var, "flips"), tf.int64))
-        tensor = ()
-        if self.lstm_weights.conditioned:
-            tensor = conditioning.TensorState(*tf.unstack(self.get_slot(var, "tensor")))
-        return rule_lib.FlipState(
-            h=tf.stack([self.get_slot(var, f"h{k}") for k in hidden], axis=-1),
-            c=tf.stack([self.get_slot(var, f"c{k}") for k in hidden], axis=-1),
-            v=tf.convert_to_tensor(self.get_slot(var, "v")),
-            step=tf.cast(self.iterations, tf.int64),
-            flips=high * _COUNTER_BASE + low,
-            tensor=tensor,
-        )
+        return self._to_state(self._slot_values(var), self.iterations)
 
-    def _write_state(self, var, state: rule_lib.FlipState) -> list:
-        """Assign ``state`` to the slots of ``var`` (``step`` is Keras' ``iterations``)."""
-        counter = self.get_slot(var, "flips")
-        base = _COUNTER_BASE
-        words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter.dtype)
-        ops = [counter.assign(words), self.get_slot(var, "v").assign(state.v)]
-        if state.tensor:
-            ops.append(self.get_slot(var, "tensor").assign(tf.stack(list(state.tensor))))
-        hs, cs = tf.unstack(state.h, axis=-1), tf.unstack(state.c, axis=-1)
-        for k in range(self.hidden_size):
-            ops.append(self.get_slot(var, f"h{k}").assign(hs[k]))
-            ops.append(self.get_slot(var, f"c{k}").assign(cs[k]))
-        return ops
-
-    def _rule(self, dtype) -> rule_lib.FlipRule:
+    def _rule(self, flip_threshold) -> rule_lib.FlipRule:
         return rule_lib.FlipRule.from_weights(
-            self.lstm_weights,
-            flip_threshold=self._decayed("flip_threshold", dtype),
-            max_flip_rate=self.max_flip_rate,
+            self.lstm_weights, flip_threshold=flip_threshold, max_flip_rate=self.max_flip_rate
         )
+
+    def _step(self, grad, var, values, step, hyper):
+        """New ``(var, slot values)``: the whole update of one binary variable, on tensors."""
+        state = self._to_state(values, step)
+        if self.output == "flip":
+            theta = cell_lib.sign_pm1(var)
+            signs, state = self._rule(hyper[0]).update(grad, state, theta)
+            new_var = theta * signs
+        else:
+            new_var, state = self._rule(hyper[0]).latent_update(
+                grad, state, var, hyper[1], self.latent_clip
+            )
+        return new_var, self._to_values(state, values[2 * self.hidden_size + 1].dtype)
+
+    def _traced_step(self, *args):
+        """:meth:`_step` as a tf.function, made once per optimizer.
+
+        Keras traces the first train step twice (the first trace creates the slots);
+        the second trace reuses this function's graph for every variable shape seen in
+        the first, so the rule is traced once per shape. XLA inlines it: the compiled
+        step is the same.
+        """
+        if getattr(self, "_step_fn", None) is None:
+            self._step_fn = tf.function(self._step, autograph=False)
+        return self._step_fn(*args)
 
     def _resource_apply_dense(self, grad, var, apply_state=None):
         dtype = var.dtype.base_dtype
         if grad.dtype != dtype:
             grad = tf.cast(grad, dtype)
-        rule, state = self._rule(dtype), self._state(var)
-        if self.output == "flip":
-            theta = cell_lib.sign_pm1(var)
-            signs, state = rule.update(grad, state, theta)
-            new_var = theta * signs
-        else:
-            lr = self._decayed("learning_rate", dtype)
-            new_var, state = rule.latent_update(
-                grad, state, tf.convert_to_tensor(var), lr, self.latent_clip
-            )
-        return tf.group(var.assign(new_var), *self._write_state(var, state))
+        hyper = [self._decayed("flip_threshold", dtype)]
+        if self.output == "gradient":
+            hyper.append(self._decayed("learning_rate", dtype))
+        new_var, values = self._traced_step(
+            grad, tf.convert_to_tensor(var), self._slot_values(var), self.iterations, hyper
+        )
+        slots = [self.get_slot(var, n) for n in self._state_slots()]
+        return tf.group(var.assign(new_var), *(v.assign(x) for v, x in zip(slots, values)))
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise NotImplementedError(
