@@ -126,7 +126,8 @@ def first_step_times(names, model_name, ds, args, repeats=3):
             tf.keras.backend.clear_session()
             model = build(model_name, ds, 0)
             t0 = time.perf_counter()
-            model.compile(make_optimizer(name, args), "sparse_categorical_crossentropy", jit_compile=True)
+            model.compile(make_optimizer(name, args), "sparse_categorical_crossentropy",
+                          metrics=args.first_step_metrics, jit_compile=True)
             model.train_on_batch(x, y)
             if r:
                 times[name].append(time.perf_counter() - t0)
@@ -158,6 +159,9 @@ def _parse_args(argv):
     p.add_argument("--timing-repeats", type=int, default=5)
     p.add_argument("--first-step-repeats", type=int, default=3,
                    help="fresh models per optimizer for the time to the first step (0: skip)")
+    p.add_argument("--first-step-metrics", nargs="*", default=[],
+                   help="metrics compiled with the first-step models (Keras creates their "
+                        "variables in the first trace, which then runs twice)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 

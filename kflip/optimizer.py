@@ -286,11 +286,34 @@ class FlipLSTM(Optimizer):
             slot_variable_position, slot_name, variable, slot_variable_shape
         )
 
+    def _create_eagerly(self, var_list):
+        """Create every variable of this optimizer and of its float optimizer now,
+        outside any traced function and without tf.function's variable lifting.
+
+        Keras creates optimizer variables inside the first trace of the train step
+        (under ``init_scope``, so they are ordinary eager variables), and tf.function
+        then traces the whole step a second time because variables were created. These
+        need no lifting: creating them unlifted spares that second trace whenever
+        nothing else in the step creates variables (compiled metrics still do).
+        """
+        def unlifted(next_creator, **kwargs):
+            kwargs["experimental_enable_variable_lifting"] = False
+            return next_creator(**kwargs)
+
+        binary = [v for v in var_list if is_binary_variable(v)]
+        floats = [v for v in var_list if not is_binary_variable(v)]
+        for opt, variables in ((self._float_optimizer, floats), (self, binary)):
+            if opt is self or variables:  # names as Keras gives them: "<optimizer>/..."
+                with tf.name_scope(opt._name), tf.init_scope():
+                    with tf.variable_creator_scope(unlifted):
+                        opt._create_all_weights(variables)
+
     # ---- the update ---------------------------------------------------------------
     def apply_gradients(
         self, grads_and_vars, name=None, experimental_aggregate_gradients=True
     ):
         binary, floats = self._split(list(grads_and_vars))
+        self._create_eagerly([v for g, v in binary + floats if g is not None])
         ops = []
         if floats:
             ops.append(
