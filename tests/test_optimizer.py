@@ -370,3 +370,36 @@ def test_no_warning_noise_on_normal_use(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         model.train_on_batch(digits.x_train[:64], digits.y_train[:64])
+
+
+def _first_step_traces(opt, digits, metrics=None):
+    model = small_mlp(hidden=(16, 16))  # binary kernels of shapes (64, 16), (16, 16), (16, 10)
+    model.compile(opt, LOSS, metrics=metrics, jit_compile=True)
+    traces, train_step = [], model.train_step
+
+    def counted(data):
+        traces.append(1)  # runs once per trace of the train function
+        return train_step(data)
+
+    model.train_step = counted
+    x, y = next(_batches(digits, 1))
+    model.train_on_batch(x, y)
+    model.train_on_batch(x, y)
+    return len(traces)
+
+
+def test_first_train_step_is_traced_once(digits):
+    """FlipLSTM creates its variables (and Adam's) unlifted, so the step is not re-traced;
+    Bop's slot creation makes Keras trace the step twice. The rule is traced once per shape."""
+    opt = kflip.FlipLSTM()
+    assert _first_step_traces(opt, digits) == 1
+    assert opt._step_fn.experimental_get_tracing_count() == 3
+    bop = lq.optimizers.CaseOptimizer(
+        (lq.optimizers.Bop.is_binary_variable, lq.optimizers.Bop()),
+        default_optimizer=tf.keras.optimizers.legacy.Adam(0.01))
+    assert _first_step_traces(bop, digits) == 2
+    opt = kflip.FlipLSTM()  # metrics create variables in the first trace: traced twice,
+    assert _first_step_traces(opt, digits, metrics=["accuracy"]) == 2
+    assert opt._step_fn.experimental_get_tracing_count() == 3  # but the rule once per shape
+    names = [v.name for v in opt.weights]
+    assert "FlipLSTM/iter:0" in names and "Adam/iter:0" in names and len(set(names)) == len(names)
