@@ -356,7 +356,8 @@ class FlipLSTM(Optimizer):
     def _to_state(self, values, step) -> rule_lib.FlipState:
         """The rule's state from the slot values (in :meth:`_state_slots` order)."""
         hidden = self.hidden_size
-        h, c, (v, counter, *tensor) = values[:hidden], values[hidden : 2 * hidden], values[2 * hidden :]
+        h, c = values[:hidden], values[hidden : 2 * hidden]
+        v, counter, *tensor = values[2 * hidden :]
         low, high = tf.unstack(tf.cast(counter, tf.int64))
         return rule_lib.FlipState(
             h=tf.stack(h, axis=-1),
@@ -373,7 +374,8 @@ class FlipLSTM(Optimizer):
         base = _COUNTER_BASE
         words = tf.cast(tf.stack([state.flips % base, state.flips // base]), counter_dtype)
         tensor = [tf.stack(list(state.tensor))] if state.tensor else []
-        return tf.unstack(state.h, axis=-1) + tf.unstack(state.c, axis=-1) + [state.v, words] + tensor
+        cells = tf.unstack(state.h, axis=-1) + tf.unstack(state.c, axis=-1)
+        return cells + [state.v, words] + tensor
 
     def _state(self, var) -> rule_lib.FlipState:
         """The rule's state of ``var``, read from its slots."""
@@ -400,10 +402,10 @@ class FlipLSTM(Optimizer):
     def _traced_step(self, *args):
         """:meth:`_step` as a tf.function, made once per optimizer.
 
-        Keras traces the first train step twice (the first trace creates the slots);
-        the second trace reuses this function's graph for every variable shape seen in
-        the first, so the rule is traced once per shape. XLA inlines it: the compiled
-        step is the same.
+        Where Keras traces the first train step twice (when compiled metrics create
+        variables in the first trace), the second trace reuses this function's graph
+        for every variable shape seen in the first, so the rule is traced once per
+        shape. XLA inlines it: the compiled step is the same.
         """
         if getattr(self, "_step_fn", None) is None:
             self._step_fn = tf.function(self._step, autograph=False)
