@@ -14,13 +14,13 @@ with a 95% t-interval.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import kflip  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 import larq as lq  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -94,9 +94,8 @@ def main(argv=None):
         summary[name] = row
         print(line)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "accuracy": acc, "seconds": secs,
-                       "summary": summary, "tensorflow": tf.__version__}, f, indent=1)
+        write_json(args.out, {"args": vars(args), "accuracy": acc, "seconds": secs,
+                              "summary": summary, "tensorflow": tf.__version__})
 
 
 if __name__ == "__main__":

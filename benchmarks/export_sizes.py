@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data, models  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 
 
 def dir_bytes(path):
@@ -231,9 +232,7 @@ def main(argv=None):
             shutil.rmtree(out_root, ignore_errors=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, result, indent=2)
     return result
 
 

@@ -12,7 +12,6 @@ fair even on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data, models, stats  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 
 
 def make_optimizer(name: str, args):
@@ -212,8 +212,7 @@ def _time_steps(args, ds, result):
 def _write(result, path):
     """Write ``result`` to ``path`` if one is given."""
     if path:
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(path, result)
 
 
 def _train_all(args, ds, result):

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data, models  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 
 
 def optimizer(name):
@@ -128,8 +129,7 @@ def main(argv=None):
     )
     print(json.dumps(summary), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(summary=summary, runs=rows), f, indent=1)
+        write_json(args.json, dict(summary=summary, runs=rows))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 
 RULES = {
     "probe": dict(probe_size=2048),
@@ -95,8 +96,7 @@ def main(argv=None):
         print(f"{rule:14s} test accuracy change {mean:+.3f} +- {half:.3f} (95% CI, n={len(d)}); "
               f"per model {', '.join(f'{x:+.2f}' for x in d)}; worst {min(d):+.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from kflip import data, greedy, models  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 from kflip.greedy import evaluators, incremental, network, probe, search  # noqa: E402
 
 
@@ -245,8 +246,7 @@ def main(argv=None):
     summary = _summary(rows, e2e, first_pass, int(len(yp)), args)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("layers", "end_to_end")}))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=1)
+        write_json(args.json, summary)
 
 if __name__ == "__main__":
     main()

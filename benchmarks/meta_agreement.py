@@ -14,7 +14,6 @@ gradient:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np  # noqa: E402
 
 from kflip.meta import config as config_lib  # noqa: E402
 from kflip.meta import gradient_agreement  # noqa: E402
+from kflip._files import write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,9 +46,9 @@ def main(argv=None) -> int:
     print(f"mean cosine between draws {off.mean():+.3f} (min {off.min():+.3f}, max {off.max():+.3f}); "
           f"{time.time() - t0:.0f} s")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"config": config.to_dict(), "draws": args.draws, "cosines": cos.tolist(),
-                       "mean_cosine": float(off.mean()), "seconds": time.time() - t0}, f, indent=1)
+        write_json(args.json, {"config": config.to_dict(), "draws": args.draws,
+                               "cosines": cos.tolist(), "mean_cosine": float(off.mean()),
+                               "seconds": time.time() - t0})
     return 0
 
 

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from kflip import _keras
+from kflip import _files, _keras
 
 _keras.select_keras2()
 import tensorflow as tf  # noqa: E402
@@ -563,7 +563,7 @@ def _run_cells(ctx: _Context, cells, path) -> SuiteResult:
         table += "\n\n" + format_tables(late, f"scored by the mean of the last {LATE_EVALS} "
                                          "test evaluations (a check of the verdicts above)")
     files = {"results": path, "table": os.path.join(os.fspath(options.output_dir), "suite.md")}
-    with open(files["table"], "w") as f:
+    with _files.atomic_write(files["table"]) as f:
         f.write(table + "\n")
     if options.plots:
         files["heatmap"] = plot_heatmap(results, os.path.join(options.output_dir, "heatmap.png"))

@@ -24,6 +24,7 @@ import zipfile
 
 import numpy as np
 
+from kflip import _files
 from kflip import cell as cell_lib
 from kflip import conditioning
 
@@ -49,10 +50,11 @@ def save(w: "cell_lib.LSTMWeights", path: str) -> None:
     if w.conditioned:
         arrays["tensor_kernel"] = w.tensor_kernel
         meta.update(format=FORMAT_CONDITIONED, tensor_features=list(conditioning.TENSOR_FEATURES))
-    np.savez(stem + ".npz", **arrays)
-    with open(stem + ".json", "w") as fh:
-        json.dump({**meta, **w.metadata}, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    text = json.dumps({**meta, **w.metadata}, indent=2, sort_keys=True) + "\n"  # fails first
+    with _files.atomic_write(stem + ".npz", "wb") as fh:
+        np.savez(fh, **arrays)
+    with _files.atomic_write(stem + ".json") as fh:
+        fh.write(text)
 
 
 def load(path: str) -> "cell_lib.LSTMWeights":

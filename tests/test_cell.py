@@ -83,6 +83,18 @@ def test_weights_save_load_roundtrip(tmp_path):
         assert set(z.files) >= {"kernel", "recurrent", "bias", "out_kernel", "out_bias"}
 
 
+def test_a_failed_weights_save_leaves_the_old_files_whole(tmp_path):
+    path = tmp_path / "rule.npz"
+    kflip.bop_weights().save(str(path))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    bad = kflip.LSTMWeights(**{**random_lstm_weights(hidden=2).get_config(),
+                               "metadata": {"not json": object()}})
+    with pytest.raises(TypeError):
+        bad.save(str(path))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files
+    assert kflip.LSTMWeights.load(str(path)).metadata["init"] == "analytic-bop"
+
+
 def test_shipped_default_weights_load_and_say_what_they_are():
     w = C.load_weights(None)
     assert w.hidden_size >= 1

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
 
 import numpy as np
 
-from kflip import _keras
+from kflip import _files, _keras
 
 _keras.select_keras2()
 import larq as lq  # noqa: E402
@@ -49,10 +48,7 @@ def _jsonable(obj):
 
 
 def _write_json(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1)
-    os.replace(tmp, path)
+    _files.write_json(path, _jsonable(obj))
 
 
 def _save(net, result: dict, output_dir: str) -> dict:

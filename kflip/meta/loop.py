@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kflip import _files
 from kflip import cell as cell_lib
 from kflip._version import __version__
 from kflip.adam import Adam, AdamState
@@ -71,10 +72,7 @@ def save_checkpoint(path: str, state: MetaState) -> None:
     >>> state.iteration, state.z.shape, state.adam.count
     (0, (13,), 0)
     """
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(state.to_json(), fh)
-    os.replace(tmp, path)
+    _files.write_json(path, state.to_json(), indent=None)
 
 
 def load_checkpoint(path: str, config: MetaConfig) -> MetaState:
@@ -474,5 +472,5 @@ def _truncate_log(path, iteration):
                     keep.append(line)
             except (ValueError, KeyError):
                 continue
-    with open(path, "w") as fh:
+    with _files.atomic_write(path) as fh:
         fh.writelines(keep)
