@@ -78,6 +78,19 @@ def test_features_stay_finite_on_bad_gradients(bad):
     assert np.all(np.isfinite(phi.numpy())) and np.all(np.abs(phi.numpy()) <= 3)
 
 
+def test_a_bad_gradient_leaves_the_tensor_state_as_it_was():
+    rule = FlipRule.from_weights(conditioned())
+    params, grads = params_and_grads()
+    _, state, _ = run(rule, params, [grads, grads], compiled=False)
+    spoiled = [tf.tensor_scatter_nd_update(g, [[0] * g.shape.rank], [np.nan]) for g in grads]
+    signs, after = rule.update(spoiled, state, params)
+    for s in signs:
+        assert np.all(s.numpy() == 1)
+    for old, new in zip(state.tensor + (state.h, state.c, state.v), after.tensor + (after.h, after.c, after.v)):
+        for a, b in zip(tf.nest.flatten(old), tf.nest.flatten(new)):
+            np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
 def test_the_step_feature_moves_the_threshold():
     # Bop's cell with a threshold that grows with log(step): flips early, none later
     bop = kflip.bop_weights(threshold=1e-6, gamma=1e-1)
