@@ -286,9 +286,10 @@ class FlipLSTM(Optimizer):
             slot_variable_position, slot_name, variable, slot_variable_shape
         )
 
-    def _create_eagerly(self, var_list):
-        """Create every variable of this optimizer and of its float optimizer now,
-        outside any traced function and without tf.function's variable lifting.
+    def _create_eagerly(self, binary, floats):
+        """Create every variable of this optimizer and of its float optimizer now (for
+        the ``(grad, var)`` pairs of :meth:`_split`), outside any traced function and
+        without tf.function's variable lifting.
 
         Keras creates optimizer variables inside the first trace of the train step
         (under ``init_scope``, so they are ordinary eager variables), and tf.function
@@ -300,9 +301,8 @@ class FlipLSTM(Optimizer):
             kwargs["experimental_enable_variable_lifting"] = False
             return next_creator(**kwargs)
 
-        binary = [v for v in var_list if is_binary_variable(v)]
-        floats = [v for v in var_list if not is_binary_variable(v)]
-        for opt, variables in ((self._float_optimizer, floats), (self, binary)):
+        for opt, pairs in ((self._float_optimizer, floats), (self, binary)):
+            variables = [v for g, v in pairs if g is not None]
             if opt is self or variables:  # names as Keras gives them: "<optimizer>/..."
                 with tf.name_scope(opt._name), tf.init_scope():
                     with tf.variable_creator_scope(unlifted):
@@ -313,7 +313,7 @@ class FlipLSTM(Optimizer):
         self, grads_and_vars, name=None, experimental_aggregate_gradients=True
     ):
         binary, floats = self._split(list(grads_and_vars))
-        self._create_eagerly([v for g, v in binary + floats if g is not None])
+        self._create_eagerly(binary, floats)
         ops = []
         if floats:
             ops.append(
@@ -418,10 +418,11 @@ class FlipLSTM(Optimizer):
         hyper = [self._decayed("flip_threshold", dtype)]
         if self.output == "gradient":
             hyper.append(self._decayed("learning_rate", dtype))
-        new_var, values = self._traced_step(
-            grad, tf.convert_to_tensor(var), self._slot_values(var), self.iterations, hyper
-        )
         slots = [self.get_slot(var, n) for n in self._state_slots()]
+        new_var, values = self._traced_step(
+            grad, tf.convert_to_tensor(var), [tf.convert_to_tensor(v) for v in slots],
+            self.iterations, hyper,
+        )
         return tf.group(var.assign(new_var), *(v.assign(x) for v, x in zip(slots, values)))
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
