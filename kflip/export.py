@@ -332,11 +332,7 @@ def export(
       >>> served(inputs=tf.zeros([2, 8, 8, 1]))["output_0"].shape
       TensorShape([2, 10])
     """
-    if not isinstance(model, tf.keras.Model):
-        raise ValueError(f"`model` must be a tf.keras.Model, got {type(model).__name__}.")
-    for name, flag in (("packed", packed), ("tflite", tflite), ("overwrite", overwrite)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"`{name}` must be a bool, got {flag!r}.")
+    _check_args(model, packed=packed, tflite=tflite, overwrite=overwrite)
     path = _check_out_path(path, overwrite)
     spec = _input_spec(model)
     x = _sample_batch(model, 16) if sample is None else _check_sample(model, sample)
@@ -355,6 +351,14 @@ def export(
         return report
 
     return _staged(path, write)
+
+
+def _check_args(model, **flags):
+    if not isinstance(model, tf.keras.Model):
+        raise ValueError(f"`model` must be a tf.keras.Model, got {type(model).__name__}.")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"`{name}` must be a bool, got {flag!r}.")
 
 
 def _staged(path, write):

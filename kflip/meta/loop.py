@@ -241,12 +241,11 @@ class _Trainer:
         """One outer iteration on ``state`` (in place); returns its log entry."""
         t0, it = time.time(), state.iteration
         grad, proposal, res = self.estimate(state.z, it)
-        losses = np.array([r["meta_loss"] for r in res])
         state.z, state.adam = self.adam.update(grad, state.adam, state.z)
         state.iteration = it + 1
         entry = {
             "iteration": it + 1,
-            "meta_loss": float(np.mean(np.concatenate([losses[0::2], losses[1::2]]))),
+            "meta_loss": float(np.mean([r["meta_loss"] for r in res])),
             "held_out_accuracy": float(np.mean([r["held_out_accuracy"] for r in res])),
             "flip_fraction": float(np.mean([r["flip_fraction"] for r in res])),
             "grad_norm": float(np.linalg.norm(grad)),
