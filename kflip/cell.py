@@ -482,7 +482,7 @@ def fast_sum(x):
     """
     if x.shape.rank is None or x.shape.rank < 2:
         return tf.reduce_sum(x)
-    cols = int(x.shape[-1])
+    cols = x.shape[-1] if x.shape[-1] is not None else tf.shape(x)[-1]
     rows = tf.reshape(x, [-1, cols])
     return tf.reduce_sum(tf.matmul(rows, tf.ones([cols, 1], x.dtype)))
 
@@ -531,12 +531,21 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     # without it XLA fuses the sum differently and rounds the moment differently from
     # the code the shipped weights were measured with.)
     g = tf.where(tf.math.is_finite(grad), grad, tf.constant(np.nan, grad.dtype))
-    mean_sq = fast_sum(tf.square(g)) / float(max(grad.shape.num_elements() or 1, 1))
+    mean_sq = fast_sum(tf.square(g)) / _size(grad)
     ok = tf.math.is_finite(mean_sq)
     v_new = tf.where(ok, beta * v + (1.0 - beta) * mean_sq, v)
     v_hat = bias_corrected(v_new, beta, step)
     tg = theta * grad
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, ok
+
+
+def _size(x):
+    """The number of entries of ``x`` (at least 1) for dividing by: a Python float
+    where the shape is static, else a tensor of ``x``'s dtype (XLA folds it)."""
+    n = x.shape.num_elements()
+    if n is not None:
+        return float(max(n, 1))
+    return tf.cast(tf.maximum(tf.size(x), 1), x.dtype)
 
 
 def bias_corrected(v, beta: float, step):

@@ -399,17 +399,31 @@ class FlipLSTM(Optimizer):
             )
         return new_var, self._to_values(state, values[2 * self.hidden_size + 1].dtype)
 
-    def _traced_step(self, *args):
-        """:meth:`_step` as a tf.function, made once per optimizer.
+    def _traced_step(self, grad, var, values, step, hyper):
+        """:meth:`_step` as a tf.function, made once per optimizer and traced once per
+        rank of variable: every per-weight argument (``grad``, ``var`` and the slots of
+        its shape) is traced with unknown dimensions, so the MNIST MLP's three kernels
+        share one trace and the CNN's five share two. XLA inlines the function and
+        compiles each call for its own shapes: the compiled step is the same.
 
         Where Keras traces the first train step twice (when compiled metrics create
-        variables in the first trace), the second trace reuses this function's graph
-        for every variable shape seen in the first, so the rule is traced once per
-        shape. XLA inlines it: the compiled step is the same.
+        variables in the first trace), the second trace reuses these graphs. The rule
+        variants that read static sizes (``max_flip_rate``, ``output="gradient"``, per-
+        tensor conditioning) are traced once per shape instead.
         """
         if getattr(self, "_step_fn", None) is None:
             self._step_fn = tf.function(self._step, autograph=False)
-        return self._step_fn(*args)
+        args = (grad, var, values, step, hyper)
+        if self.output != "flip" or self.max_flip_rate is not None or self.lstm_weights.conditioned:
+            return self._step_fn(*args)
+        shape = var.shape
+
+        def spec(t):
+            relaxed = [None] * t.shape.rank if t.shape == shape else t.shape
+            return tf.TensorSpec(relaxed, t.dtype)
+
+        specs = tf.nest.map_structure(spec, (grad, var, values)) + (step, [spec(h) for h in hyper])
+        return self._step_fn.get_concrete_function(*specs)(*args)
 
     def _resource_apply_dense(self, grad, var, apply_state=None):
         dtype = var.dtype.base_dtype
