@@ -531,7 +531,7 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     # without it XLA fuses the sum differently and rounds the moment differently from
     # the code the shipped weights were measured with.)
     g = tf.where(tf.math.is_finite(grad), grad, tf.constant(np.nan, grad.dtype))
-    mean_sq = fast_sum(tf.square(g)) / _size(grad)
+    mean_sq = fast_sum(tf.square(g)) / num_entries(grad)
     ok = tf.math.is_finite(mean_sq)
     v_new = tf.where(ok, beta * v + (1.0 - beta) * mean_sq, v)
     v_hat = bias_corrected(v_new, beta, step)
@@ -539,9 +539,16 @@ def features_and_moment(theta, grad, v, step, beta: float, eps: float):
     return [tg, tg * tf.math.rsqrt(v_hat + eps)], v_new, ok
 
 
-def _size(x):
-    """The number of entries of ``x`` (at least 1) for dividing by: a Python float
-    where the shape is static, else a tensor of ``x``'s dtype (XLA folds it)."""
+def num_entries(x):
+    """The number of entries of ``x`` (at least 1), to divide a sum by: a Python float
+    where the shape is static, else a tensor of ``x``'s dtype (XLA folds it).
+
+    Example:
+      >>> import kflip
+      >>> import tensorflow as tf
+      >>> kflip.cell.num_entries(tf.zeros([3, 4])), kflip.cell.num_entries(tf.zeros([0]))
+      (12.0, 1.0)
+    """
     n = x.shape.num_elements()
     if n is not None:
         return float(max(n, 1))

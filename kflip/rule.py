@@ -167,8 +167,7 @@ class FlipRule:
         theta = cell_lib.sign_pm1(w)
         y, new, ok = self._cell(theta, grad, old, step)
         y = tf.where(ok, y, tf.zeros_like(y))
-        n = float(max(y.shape.num_elements() or 1, 1))
-        rms = tf.sqrt(cell_lib.fast_sum(tf.square(y)) / n)
+        rms = tf.sqrt(cell_lib.fast_sum(tf.square(y)) / cell_lib.num_entries(y))
         w_new = w + learning_rate * theta * y / (rms + 1e-30)
         if clip is not None:
             w_new = tf.clip_by_value(w_new, -clip, clip)
