@@ -407,14 +407,14 @@ class FlipLSTM(Optimizer):
         compiles each call for its own shapes: the compiled step is the same.
 
         Where Keras traces the first train step twice (when compiled metrics create
-        variables in the first trace), the second trace reuses these graphs. The rule
-        variants that read static sizes (``max_flip_rate``, ``output="gradient"``, per-
-        tensor conditioning) are traced once per shape instead.
+        variables in the first trace), the second trace reuses these graphs. A rule
+        that reads static sizes (:attr:`kflip.rule.FlipRule.shape_free` is False) is
+        traced once per shape instead.
         """
         if getattr(self, "_step_fn", None) is None:
             self._step_fn = tf.function(self._step, autograph=False)
         args = (grad, var, values, step, hyper)
-        if self.output != "flip" or self.max_flip_rate is not None or self.lstm_weights.conditioned:
+        if not self._rule(hyper[0]).shape_free:
             return self._step_fn(*args)
         shape = var.shape
 

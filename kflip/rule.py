@@ -125,6 +125,22 @@ class FlipRule:
         """Whether per-tensor features set the cell (:mod:`kflip.conditioning`)."""
         return self.cell.tensor_kernel is not None
 
+    @property
+    def shape_free(self) -> bool:
+        """Whether :meth:`update` and :meth:`latent_update` read no static size, so one
+        trace with unknown dimensions (``tf.TensorSpec([None] * rank)``) serves tensors
+        of every shape of a rank. Not so with ``max_flip_rate`` (the number of flips
+        allowed) or per-tensor conditioning (the fan-in and the flip rate's divisor).
+
+        Example:
+          >>> import kflip
+          >>> kflip.rule.FlipRule.from_weights().shape_free
+          True
+          >>> kflip.rule.FlipRule.from_weights(max_flip_rate=0.1).shape_free
+          False
+        """
+        return self.max_flip_rate is None and not self.conditioned
+
     def update(self, grads, state: FlipState, params):
         """``(signs, new_state)``: ``params * signs`` are the new binary weights.
 

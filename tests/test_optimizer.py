@@ -395,7 +395,10 @@ def test_first_train_step_is_traced_once(digits):
     opt = kflip.FlipLSTM()
     assert _first_step_traces(opt, digits) == 1
     assert opt._step_fn.experimental_get_tracing_count() == 1
-    opt = kflip.FlipLSTM(max_flip_rate=0.5)
+    opt = kflip.FlipLSTM(output="gradient")  # the latent-weight ablation, too
+    assert _first_step_traces(opt, digits) == 1
+    assert opt._step_fn.experimental_get_tracing_count() == 1
+    opt = kflip.FlipLSTM(max_flip_rate=0.5)  # reads each kernel's size
     assert _first_step_traces(opt, digits) == 1
     assert opt._step_fn.experimental_get_tracing_count() == 3
     bop = lq.optimizers.CaseOptimizer(
