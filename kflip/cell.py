@@ -299,6 +299,40 @@ def shipped_path(name: str) -> str | None:
     return path if os.path.exists(path) else None
 
 
+def blend_inputs(weights: LSTMWeights, raw_scale: float, normalized: float) -> LSTMWeights:
+    """``weights`` reading a blend of the raw and the per-tensor normalised gradient.
+
+    The candidate gate's input weight on the raw feature (``theta * g``) is multiplied
+    by ``raw_scale`` and the one on the normalised feature (``theta * g / rms(g)``,
+    ``rms`` over the tensor) is set to ``normalized``; gates, recurrence and read-out
+    stay. A rule reading only the raw gradient treats a layer whose gradients are ten
+    times smaller as ten times less sure; the normalised term gives every tensor the
+    same scale. For hidden size 1 and gates that read no input (as every shipped
+    rule): a candidate weight ``k`` on the normalised feature alone makes the rule
+    Bop on the normalised gradient with threshold ``c* (1 - f) / (i k)`` (``c*`` the
+    cell value where the read-out crosses 0, ``i`` and ``f`` the gates).
+
+    Example (run 8 of docs/meta.md: run 3 reading three quarters normalised gradient):
+      >>> import kflip
+      >>> run3 = kflip.cell.load_weights("run3")
+      >>> w = kflip.cell.blend_inputs(run3, raw_scale=0.25, normalized=1.65e-7)
+      >>> [f"{k:.3g}" for k in w.kernel[:, 2]]  # candidate weights on the two features
+      ['0.00294', '1.65e-07']
+      >>> opt = kflip.FlipLSTM(w)
+    """
+    if weights.hidden_size != 1 or np.any(np.delete(weights.kernel, 2, axis=1) != 0):
+        raise ValueError(
+            "blend_inputs: `weights` must have hidden size 1 and gates that read no "
+            "input (only the candidate column of `kernel` non-zero)."
+        )
+    raw_scale = checks.number("raw_scale", raw_scale, low=0.0)
+    normalized = checks.number("normalized", normalized)
+    kernel = weights.kernel.copy()
+    kernel[0, 2] = np.float32(raw_scale * float(kernel[0, 2]))
+    kernel[1, 2] = np.float32(normalized)
+    return dataclasses.replace(weights, kernel=kernel)
+
+
 def load_weights(weights: Any = None) -> LSTMWeights:
     """Resolve ``weights``: None/"default" or the name of other shipped weights
     (``kflip/weights/<name>.npz``), a path, a config dict or LSTMWeights.

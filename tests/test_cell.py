@@ -1,5 +1,6 @@
 """The LSTM weights and the coordinatewise cell (kflip.cell)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -133,3 +134,22 @@ def test_bad_weights_raise_clear_errors(tmp_path):
         kflip.bop_weights(gamma=1.5)
     with pytest.raises(ValueError, match="threshold"):
         kflip.bop_weights(threshold=-1.0)
+
+
+def test_blend_inputs_moves_the_candidate_weight_between_the_two_features():
+    raw = kflip.bop_weights(1e-6, 1e-3)
+    normalized = kflip.bop_weights(1e-6, 1e-3, normalized=True)
+    w = C.blend_inputs(raw, raw_scale=0.0, normalized=float(raw.kernel[0, 2]))
+    np.testing.assert_array_equal(w.kernel, normalized.kernel)  # all on the normalised one
+    np.testing.assert_array_equal(w.bias, raw.bias)
+    half = C.blend_inputs(raw, raw_scale=0.5, normalized=1e-3)
+    assert half.kernel[0, 2] == np.float32(0.5 * raw.kernel[0, 2]) and half.kernel[1, 2] == np.float32(1e-3)
+    with pytest.raises(ValueError, match="raw_scale"):
+        C.blend_inputs(raw, raw_scale=-1.0, normalized=0.0)
+    with pytest.raises(ValueError, match="normalized"):
+        C.blend_inputs(raw, raw_scale=1.0, normalized=float("nan"))
+    with pytest.raises(ValueError, match="hidden size 1"):
+        C.blend_inputs(raw.padded(2), raw_scale=1.0, normalized=0.0)
+    gated = dataclasses.replace(raw, kernel=raw.kernel + np.float32(1.0))
+    with pytest.raises(ValueError, match="read no input"):
+        C.blend_inputs(gated, raw_scale=1.0, normalized=0.0)
